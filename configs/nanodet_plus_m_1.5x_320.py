@@ -1,0 +1,12 @@
+"""NanoDet-Plus-m_1.5x_320 on COCO: ShuffleNetV2 1.5x, 320x320 input.
+
+Same recipe as the reference nanodet-plus-m-1.5x_320.yml.
+"""
+
+import ml_collections
+
+from nanodet_jax.config import nanodet_plus_recipe
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(nanodet_plus_recipe(model_size="1.5x", input_size=320))

@@ -1,0 +1,204 @@
+"""Dynamic Soft Label Assigner (NanoDet-Plus), fixed-shape and jit/vmap friendly.
+
+Per image: class logits ``(P, C)``, decoded boxes ``(P, 4)``, priors ``(P, 4)`` and ground
+truth padded to ``G`` boxes with a validity mask. The cost matrix is ``(P, G)``; the soft
+classification cost is decomposed so that no ``(P, G, C)`` tensor is ever built:
+
+    cls_cost[p, g] = sum_c neg[p, c] - neg[p, l_g] + pos[p, g]
+
+with ``neg = BCE(x, 0) * sigmoid(x)**2`` and ``pos = BCE(x_{l_g}, iou) * |iou - sigmoid|**2``.
+Batched versions (``*_batch``) vmap over a leading image axis.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from nanodet_jax.box_ops import bbox2distance, bbox_overlaps
+
+Array = jax.Array
+
+
+class AssignResult(NamedTuple):
+    """Per-prior assignment of one image (leading ``B`` axis when batched).
+
+    assigned_gt  ``(P,)`` int32: index of the assigned GT, ``-1`` for negatives.
+    fg           ``(P,)`` bool: positive priors.
+    label_scores ``(P,)`` float: IoU(decoded box, assigned GT) for positives, 0 otherwise.
+    """
+
+    assigned_gt: Array
+    fg: Array
+    label_scores: Array
+
+
+class AssignCosts(NamedTuple):
+    """Intermediate quantities of the assignment (useful for inspection and tests).
+
+    valid ``(P,)`` bool: prior point strictly inside at least one (real) GT.
+    ious  ``(P, G)``: IoU(decoded box, GT) for every prior.
+    cost  ``(P, G)``: ``cls_cost + iou_factor * -log(iou + 1e-7)``; ``+inf`` for invalid
+          priors and padding GTs.
+    dynamic_ks ``(G,)`` int32: number of priors each GT selects (0 for padding GTs).
+    """
+
+    valid: Array
+    ious: Array
+    cost: Array
+    dynamic_ks: Array
+
+
+class HeadTargets(NamedTuple):
+    """Training targets per prior (leading ``B`` axis when batched).
+
+    labels        ``(P,)`` int32: GT class for positives, ``num_classes`` for background.
+    label_scores  ``(P,)`` float: soft IoU score for positives, 0 otherwise.
+    label_weights ``(P,)`` float: all ones.
+    bbox_targets  ``(P, 4)``: assigned GT box (xyxy) for positives, 0 otherwise.
+    dist_targets  ``(P, 4)``: ltrb distance prior->GT in strides, clamped to
+                  ``[0, reg_max - 0.1]``, 0 for negatives.
+    num_pos       ``()`` int32: number of positives.
+    """
+
+    labels: Array
+    label_scores: Array
+    label_weights: Array
+    bbox_targets: Array
+    dist_targets: Array
+    num_pos: Array
+
+
+def _bce_with_logits(x: Array, target: Array | float) -> Array:
+    """Element-wise binary cross entropy with logits ``(1 - t) * x - log_sigmoid(x)``."""
+    return (1.0 - target) * x - jax.nn.log_sigmoid(x)
+
+
+def assign_costs(cls_logits: Array, decoded_bboxes: Array, priors: Array, gt_boxes: Array,
+                 gt_labels: Array, gt_mask: Array, topk: int = 13,
+                 iou_factor: float = 3.0) -> AssignCosts:
+    """Validity mask, IoUs, cost matrix and dynamic k of one image.
+
+    cls_logits ``(P, C)``, decoded_bboxes ``(P, 4)``, priors ``(P, 4)`` (x, y, s, s),
+    gt_boxes ``(G, 4)``, gt_labels ``(G,)`` int, gt_mask ``(G,)`` bool. Inputs are detached.
+    """
+    x = jax.lax.stop_gradient(cls_logits)
+    boxes = jax.lax.stop_gradient(decoded_bboxes)
+    gt_boxes = gt_boxes.astype(boxes.dtype)
+    gt_mask = gt_mask.astype(bool)
+    num_classes = x.shape[-1]
+    labels = jnp.clip(gt_labels.astype(jnp.int32), 0, num_classes - 1)  # padding-safe gather
+
+    deltas = jnp.concatenate([priors[:, None, :2] - gt_boxes[None, :, :2],
+                              gt_boxes[None, :, 2:] - priors[:, None, :2]], axis=-1)
+    inside = (jnp.min(deltas, axis=-1) > 0) & gt_mask[None, :]          # (P, G), strict
+    valid = jnp.any(inside, axis=1)                                      # (P,)
+
+    ious = bbox_overlaps(boxes, gt_boxes, mode="iou", eps=1e-6)          # (P, G)
+    iou_cost = -jnp.log(ious + 1e-7)
+
+    sig = jax.nn.sigmoid(x)
+    neg = _bce_with_logits(x, 0.0) * sig * sig                           # (P, C)
+    xg = jnp.take(x, labels, axis=1)                                     # (P, G)
+    sg = jax.nn.sigmoid(xg)
+    pos = _bce_with_logits(xg, ious) * jnp.square(jnp.abs(ious - sg))
+    cls_cost = (jnp.sum(neg, axis=1, keepdims=True) - jnp.take(neg, labels, axis=1)) + pos
+    cost = cls_cost + iou_cost * iou_factor
+    pair_ok = valid[:, None] & gt_mask[None, :]
+    cost = jnp.where(pair_ok, cost, jnp.inf)
+
+    # dynamic k: sum of the top-min(topk, V) IoUs over valid priors (zeros do not change it);
+    # summed sequentially, largest first.
+    k_cand = min(topk, x.shape[0])
+    top_ious = jax.lax.top_k(jnp.where(valid[:, None], ious, 0.0).T, k_cand)[0]  # (G, k)
+    total = top_ious[:, 0]
+    for j in range(1, k_cand):
+        total = total + top_ious[:, j]
+    dynamic_ks = jnp.maximum(total.astype(jnp.int32), 1) * gt_mask.astype(jnp.int32)
+    return AssignCosts(valid, ious, cost, dynamic_ks)
+
+
+def dsl_assign(cls_logits: Array, decoded_bboxes: Array, priors: Array, gt_boxes: Array,
+               gt_labels: Array, gt_mask: Array, topk: int = 13,
+               iou_factor: float = 3.0) -> AssignResult:
+    """Dynamic soft label assignment of one image (shapes as in :func:`assign_costs`).
+
+    Each real GT picks its ``k_g`` cheapest valid priors; a prior picked by several GTs goes
+    to its cheapest GT over all real GTs. Images with no GT or no valid prior get no positive.
+    """
+    c = assign_costs(cls_logits, decoded_bboxes, priors, gt_boxes, gt_labels, gt_mask,
+                     topk, iou_factor)
+    num_priors, num_gts = c.cost.shape
+    k_cand = min(topk, num_priors)
+    cand = jax.lax.top_k(-c.cost.T, k_cand)[1]                           # (G, k) cheapest first
+    take = jnp.arange(k_cand)[None, :] < c.dynamic_ks[:, None]           # (G, k)
+    gt_ids = jnp.broadcast_to(jnp.arange(num_gts)[:, None], cand.shape)
+    match = jnp.zeros((num_priors, num_gts), jnp.int32).at[cand, gt_ids].max(
+        take.astype(jnp.int32))
+    match = match * c.valid[:, None]
+    n_match = jnp.sum(match, axis=1)
+    fg = n_match > 0
+    assigned = jnp.where(n_match > 1, jnp.argmin(c.cost, axis=1), jnp.argmax(match, axis=1))
+    assigned = jnp.where(fg, assigned, -1).astype(jnp.int32)
+    score = jnp.take_along_axis(c.ious, jnp.maximum(assigned, 0)[:, None], axis=1)[:, 0]
+    return AssignResult(assigned, fg, jnp.where(fg, score, 0.0))
+
+
+def build_targets(assign: AssignResult, priors: Array, gt_boxes: Array, gt_labels: Array,
+                  num_classes: int, reg_max: int = 7) -> HeadTargets:
+    """Head targets of one image from its assignment (see :class:`HeadTargets`).
+
+    priors ``(P, 4)``, gt_boxes ``(G, 4)``, gt_labels ``(G,)``.
+    """
+    fg = assign.fg
+    idx = jnp.maximum(assign.assigned_gt, 0)
+    boxes = jnp.take(gt_boxes.astype(priors.dtype), idx, axis=0)         # (P, 4)
+    labels = jnp.where(fg, jnp.take(gt_labels.astype(jnp.int32), idx), num_classes)
+    dist = bbox2distance(priors[:, :2], boxes) / priors[:, 2:3]
+    dist = jnp.clip(dist, 0.0, reg_max - 0.1)
+    return HeadTargets(
+        labels=labels.astype(jnp.int32),
+        label_scores=jnp.where(fg, assign.label_scores, 0.0),
+        label_weights=jnp.ones(fg.shape, priors.dtype),
+        bbox_targets=jnp.where(fg[:, None], boxes, 0.0),
+        dist_targets=jnp.where(fg[:, None], dist, 0.0),
+        num_pos=jnp.sum(fg).astype(jnp.int32),
+    )
+
+
+def assign_and_build_targets(cls_logits: Array, decoded_bboxes: Array, priors: Array,
+                             gt_boxes: Array, gt_labels: Array, gt_mask: Array, num_classes: int,
+                             reg_max: int = 7, topk: int = 13,
+                             iou_factor: float = 3.0) -> tuple[AssignResult, HeadTargets]:
+    """:func:`dsl_assign` followed by :func:`build_targets` for one image."""
+    a = dsl_assign(cls_logits, decoded_bboxes, priors, gt_boxes, gt_labels, gt_mask, topk,
+                   iou_factor)
+    return a, build_targets(a, priors, gt_boxes, gt_labels, num_classes, reg_max)
+
+
+def assign_and_build_targets_batch(cls_logits: Array, decoded_bboxes: Array, priors: Array,
+                                   gt_boxes: Array, gt_labels: Array, gt_mask: Array,
+                                   num_classes: int, reg_max: int = 7, topk: int = 13,
+                                   iou_factor: float = 3.0) -> tuple[AssignResult, HeadTargets]:
+    """Batched :func:`assign_and_build_targets`.
+
+    cls_logits ``(B, P, C)``, decoded_bboxes ``(B, P, 4)``, priors ``(P, 4)`` (shared),
+    gt_boxes ``(B, G, 4)``, gt_labels ``(B, G)``, gt_mask ``(B, G)``; outputs get a ``B`` axis.
+    """
+    def one(x, b, g, l, m):
+        return assign_and_build_targets(x, b, priors, g, l, m, num_classes, reg_max, topk,
+                                        iou_factor)
+
+    return jax.vmap(one)(cls_logits, decoded_bboxes, gt_boxes, gt_labels, gt_mask)
+
+
+def dsl_assign_batch(cls_logits: Array, decoded_bboxes: Array, priors: Array, gt_boxes: Array,
+                     gt_labels: Array, gt_mask: Array, topk: int = 13,
+                     iou_factor: float = 3.0) -> AssignResult:
+    """Batched :func:`dsl_assign` (shapes as in :func:`assign_and_build_targets_batch`)."""
+    def one(x, b, g, l, m):
+        return dsl_assign(x, b, priors, g, l, m, topk, iou_factor)
+
+    return jax.vmap(one)(cls_logits, decoded_bboxes, gt_boxes, gt_labels, gt_mask)

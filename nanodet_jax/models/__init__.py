@@ -1,0 +1,98 @@
+"""Model construction: ``build_model(cfg)`` and ``init_variables(model, rng, input_hw)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nanodet_jax.config import ConfigError
+from nanodet_jax.models.detector import NanoDetPlus
+from nanodet_jax.models.ghost_pan import GhostPAN
+from nanodet_jax.models.heads import NanoDetPlusHead, SimpleConvHead
+from nanodet_jax.models.shufflenetv2 import STAGE_OUT_CHANNELS, ShuffleNetV2
+
+__all__ = ["NanoDetPlus", "build_model", "init_variables", "GhostPAN", "NanoDetPlusHead",
+           "SimpleConvHead", "ShuffleNetV2"]
+
+
+def _arch(cfg: Any) -> Any:
+    return cfg.model.arch if "model" in cfg else cfg
+
+
+def build_model(cfg: Any, with_aux: bool = True) -> NanoDetPlus:
+    """Build the Linen ``NanoDetPlus`` from a full config (or its ``model.arch`` node).
+
+    ``with_aux=False`` omits the training-only AGM (inference / export).
+    """
+    arch = _arch(cfg)
+    bb, fpn, head = arch.backbone, arch.fpn, arch.head
+    backbone = ShuffleNetV2(model_size=bb.model_size, out_stages=tuple(bb.out_stages),
+                            activation=bb.activation, with_last_conv=bb.get("with_last_conv",
+                                                                            False))
+    expected = [STAGE_OUT_CHANNELS[bb.model_size][s - 1] for s in bb.out_stages]
+    if list(fpn.in_channels) != expected:
+        raise ConfigError(f"model.arch.fpn.in_channels = {list(fpn.in_channels)} does not match "
+                          f"the ShuffleNetV2 {bb.model_size} stage outputs {expected}")
+    up = fpn.get("upsample_cfg", {"scale_factor": 2, "mode": "bilinear"})
+    if up.get("scale_factor", 2) != 2 or up.get("mode", "bilinear") != "bilinear":
+        raise ConfigError("model.arch.fpn.upsample_cfg: only scale_factor 2, mode 'bilinear'")
+    if fpn.get("norm_cfg", {"type": "BN"}).get("type") != "BN":
+        raise ConfigError("model.arch.fpn.norm_cfg.type: only 'BN' is supported")
+
+    def make_fpn() -> GhostPAN:
+        return GhostPAN(in_channels=tuple(fpn.in_channels), out_channels=fpn.out_channels,
+                        use_depthwise=fpn.use_depthwise, kernel_size=fpn.kernel_size,
+                        expand=fpn.get("expand", 1), num_blocks=fpn.get("num_blocks", 1),
+                        use_res=fpn.get("use_res", False),
+                        num_extra_level=fpn.num_extra_level, activation=fpn.activation)
+
+    if head.input_channel != fpn.out_channels:
+        raise ConfigError(f"model.arch.head.input_channel = {head.input_channel} but "
+                          f"model.arch.fpn.out_channels = {fpn.out_channels}")
+    n_levels = len(fpn.in_channels) + fpn.num_extra_level
+    if len(head.strides) != n_levels:
+        raise ConfigError(f"model.arch.head.strides has {len(head.strides)} entries but the "
+                          f"neck produces {n_levels} levels")
+    main_head = NanoDetPlusHead(
+        num_classes=head.num_classes, input_channel=head.input_channel,
+        feat_channels=head.feat_channels, stacked_convs=head.stacked_convs,
+        kernel_size=head.kernel_size, strides=tuple(head.strides), reg_max=head.reg_max,
+        activation=head.activation, conv_type=head.get("conv_type", "DWConv"),
+        norm=head.get("norm_cfg", {"type": "BN"}).get("type", "BN"))
+    aux_fpn = aux_head = None
+    if with_aux and arch.get("aux_head") is not None:
+        ah = arch.aux_head
+        if ah.input_channel != 2 * fpn.out_channels:
+            raise ConfigError(f"model.arch.aux_head.input_channel = {ah.input_channel} must be "
+                              f"2 * fpn.out_channels = {2 * fpn.out_channels}")
+        if ah.reg_max != head.reg_max or list(ah.strides) != list(head.strides):
+            raise ConfigError("model.arch.aux_head: reg_max and strides must equal the head's")
+        norm = ah.get("norm_cfg", {"type": "GN", "num_groups": 32})
+        if norm.get("type", "GN") != "GN":
+            raise ConfigError("model.arch.aux_head.norm_cfg.type: only 'GN' is supported")
+        aux_fpn = make_fpn()
+        aux_head = SimpleConvHead(
+            num_classes=ah.num_classes, input_channel=ah.input_channel,
+            feat_channels=ah.feat_channels, stacked_convs=ah.stacked_convs,
+            strides=tuple(ah.strides), reg_max=ah.reg_max, activation=ah.activation,
+            gn_groups=norm.get("num_groups", 32))
+    return NanoDetPlus(backbone=backbone, fpn=make_fpn(), head=main_head, aux_fpn=aux_fpn,
+                       aux_head=aux_head)
+
+
+def init_variables(model: NanoDetPlus, rng: jax.Array,
+                   input_hw: tuple[int, int] = (320, 320)) -> dict:
+    """Initialise ``{'params', 'batch_stats'}`` with the reference schemes.
+
+    Runs a train-mode trace so the AGM exists, then copies ``fpn`` into ``aux_fpn``
+    (the reference deep-copies the initialised neck, so both start identical).
+    """
+    x = jnp.zeros((1, *input_hw, 3), jnp.float32)
+    variables = jax.jit(lambda r: model.init(r, x, train=True))(rng)
+    variables = jax.tree_util.tree_map(lambda a: a, variables)  # plain dicts, fresh leaves
+    if model.has_aux:
+        for col in ("params", "batch_stats"):
+            variables[col]["aux_fpn"] = jax.tree_util.tree_map(jnp.copy, variables[col]["fpn"])
+    return variables
