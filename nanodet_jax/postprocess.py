@@ -120,7 +120,11 @@ def multiclass_nms(multi_bboxes: Array, multi_scores: Array, score_thr: float, i
     max_coord = jnp.where(jnp.any(cand), max_coord, 0.0).astype(boxes.dtype)
 
     k = min(pre_nms_top_k, n * c)
-    top_scores, order = jax.lax.top_k(jnp.where(cand, scores, -jnp.inf), k)  # ties: low index
+    top_scores, order = jax.lax.top_k(jnp.where(cand, scores, -jnp.inf), k)
+    # Re-sort the k winners by (score desc, candidate index) so that ties keep the candidate
+    # order on every backend, whatever top_k's own tie order is.
+    neg_scores, order = jax.lax.sort((-top_scores, order.astype(jnp.int32)), num_keys=2)
+    top_scores = -neg_scores
     top_valid = cand[order]
     top_boxes, top_labels = boxes[order], labels[order]
     offsets = top_labels.astype(boxes.dtype) * (max_coord + 1)

@@ -128,10 +128,12 @@ def test_jit_matches_eager_fixed_shapes(path):
         preds, warp_matrices=args["warp_matrices"], img_hw=img_hw)
     for a, b in zip(eager, jitted, strict=True):
         assert a.shape == b.shape and a.shape[:2] == (2, 100)
-    # Discrete outputs identical; floats may differ by an ulp (XLA fuses differently).
+    # Discrete outputs identical; coordinates may differ by an ulp of the image scale (XLA
+    # fuses differently; x1 = cx - d*s cancels, so the error is absolute, not relative).
     np.testing.assert_array_equal(eager.labels, jitted.labels)
     np.testing.assert_array_equal(eager.valid, jitted.valid)
-    assert _max_err(jitted.boxes, eager.boxes) <= 1e-6
+    ulp = np.spacing(np.float32(np.abs(eager.boxes).max()))
+    assert np.abs(np.asarray(jitted.boxes) - np.asarray(eager.boxes)).max() <= 2 * ulp
     assert _max_err(jitted.scores, eager.scores) <= 1e-6
     assert jitted.labels.dtype == jnp.int32 and jitted.valid.dtype == jnp.bool_
 
@@ -154,7 +156,7 @@ def test_nms_ties_stable_and_top_k_bound():
     np.testing.assert_array_equal(det.boxes[:n, 0], [50, 0, 0, 50])
     det = pp.multiclass_nms(boxes, scores, 0.05, 0.6, max_num=-1, pre_nms_top_k=2)
     assert det.valid.shape == (2,) and det.valid.all()
-    np.testing.assert_array_equal(det.scores, [0.9, 0.5])
+    np.testing.assert_array_equal(det.scores, np.float32([0.9, 0.5]))
 
 
 def test_warp_boxes_inverse_of_scaling():
