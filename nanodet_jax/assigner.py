@@ -1,10 +1,10 @@
 """Dynamic Soft Label Assigner (NanoDet-Plus), fixed-shape and jit/vmap friendly.
 
 Per image: class logits ``(P, C)``, decoded boxes ``(P, 4)``, priors ``(P, 4)`` and ground
-truth padded to ``G`` boxes with a validity mask. The cost matrix is ``(P, G)``; the soft
-classification cost is decomposed so that no ``(P, G, C)`` tensor is ever built:
+truth padded to ``G`` boxes with a validity mask. The cost matrix is GT-major ``(G, P)``;
+the soft classification cost is decomposed so that no ``(G, P, C)`` tensor is ever built:
 
-    cls_cost[p, g] = sum_c neg[p, c] - neg[p, l_g] + pos[p, g]
+    cls_cost[g, p] = sum_c neg[c, p] - neg[l_g, p] + pos[g, p]
 
 with ``neg = BCE(x, 0) * sigmoid(x)**2`` and ``pos = BCE(x_{l_g}, iou) * |iou - sigmoid|**2``.
 Batched versions (``*_batch``) vmap over a leading image axis.
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from nanodet_jax.box_ops import bbox2distance, bbox_overlaps
+from nanodet_jax.losses import bce_with_logits
 
 Array = jax.Array
 
@@ -38,9 +39,12 @@ class AssignResult(NamedTuple):
 class AssignCosts(NamedTuple):
     """Intermediate quantities of the assignment (useful for inspection and tests).
 
+    The pairwise arrays are GT-major, ``(G, P)``: each GT's row is contiguous, which is the
+    layout the per-GT top-k and the label gather want.
+
     valid ``(P,)`` bool: prior point strictly inside at least one (real) GT.
-    ious  ``(P, G)``: IoU(decoded box, GT) for every prior.
-    cost  ``(P, G)``: ``cls_cost + iou_factor * -log(iou + 1e-7)``; ``+inf`` for invalid
+    ious  ``(G, P)``: IoU(decoded box, GT) for every prior.
+    cost  ``(G, P)``: ``cls_cost + iou_factor * -log(iou + 1e-7)``; ``+inf`` for invalid
           priors and padding GTs.
     dynamic_ks ``(G,)`` int32: number of priors each GT selects (0 for padding GTs).
     """
@@ -71,11 +75,6 @@ class HeadTargets(NamedTuple):
     num_pos: Array
 
 
-def _bce_with_logits(x: Array, target: Array | float) -> Array:
-    """Element-wise binary cross entropy with logits ``(1 - t) * x - log_sigmoid(x)``."""
-    return (1.0 - target) * x - jax.nn.log_sigmoid(x)
-
-
 def assign_costs(cls_logits: Array, decoded_bboxes: Array, priors: Array, gt_boxes: Array,
                  gt_labels: Array, gt_mask: Array, topk: int = 13,
                  iou_factor: float = 3.0) -> AssignCosts:
@@ -91,28 +90,32 @@ def assign_costs(cls_logits: Array, decoded_bboxes: Array, priors: Array, gt_box
     num_classes = x.shape[-1]
     labels = jnp.clip(gt_labels.astype(jnp.int32), 0, num_classes - 1)  # padding-safe gather
 
-    deltas = jnp.concatenate([priors[:, None, :2] - gt_boxes[None, :, :2],
-                              gt_boxes[None, :, 2:] - priors[:, None, :2]], axis=-1)
-    inside = (jnp.min(deltas, axis=-1) > 0) & gt_mask[None, :]          # (P, G), strict
-    valid = jnp.any(inside, axis=1)                                      # (P,)
+    px, py = priors[None, :, 0], priors[None, :, 1]
+    gx1, gy1, gx2, gy2 = (gt_boxes[:, i:i + 1] for i in range(4))
+    min_delta = jnp.minimum(jnp.minimum(px - gx1, py - gy1), jnp.minimum(gx2 - px, gy2 - py))
+    inside = (min_delta > 0) & gt_mask[:, None]                          # (G, P), strict
+    valid = jnp.any(inside, axis=0)                                      # (P,)
 
-    ious = bbox_overlaps(boxes, gt_boxes, mode="iou", eps=1e-6)          # (P, G)
+    ious = bbox_overlaps(gt_boxes, boxes, mode="iou", eps=1e-6)          # (G, P)
     iou_cost = -jnp.log(ious + 1e-7)
 
-    sig = jax.nn.sigmoid(x)
-    neg = _bce_with_logits(x, 0.0) * sig * sig                           # (P, C)
-    xg = jnp.take(x, labels, axis=1)                                     # (P, G)
+    xt = x.T                                                             # (C, P)
+    sig = jax.nn.sigmoid(xt)
+    neg = bce_with_logits(xt, 0.0) * sig * sig                          # (C, P)
+    xg = jnp.take(xt, labels, axis=0)                                    # (G, P)
     sg = jax.nn.sigmoid(xg)
-    pos = _bce_with_logits(xg, ious) * jnp.square(jnp.abs(ious - sg))
-    cls_cost = (jnp.sum(neg, axis=1, keepdims=True) - jnp.take(neg, labels, axis=1)) + pos
+    pos = bce_with_logits(xg, ious) * jnp.square(jnp.abs(ious - sg))
+    cls_cost = (jnp.sum(neg, axis=0, keepdims=True) - jnp.take(neg, labels, axis=0)) + pos
     cost = cls_cost + iou_cost * iou_factor
-    pair_ok = valid[:, None] & gt_mask[None, :]
-    cost = jnp.where(pair_ok, cost, jnp.inf)
+    cost = jnp.where(gt_mask[:, None] & valid[None, :], cost, jnp.inf)
 
-    # dynamic k: sum of the top-min(topk, V) IoUs over valid priors (zeros do not change it);
+    # dynamic k: sum of the top-min(topk, V) IoUs over valid priors (zeros do not change it),
     # summed sequentially, largest first.
     k_cand = min(topk, x.shape[0])
-    top_ious = jax.lax.top_k(jnp.where(valid[:, None], ious, 0.0).T, k_cand)[0]  # (G, k)
+    top_ious = jax.lax.top_k(jnp.where(valid[None, :], ious, 0.0), k_cand)[0]  # (G, k)
+    # the barrier keeps XLA from folding the column slices below into the top-k's sort,
+    # which would stop it from using its fast top-k kernel (a full sort is ~50x slower on CPU)
+    top_ious = jax.lax.optimization_barrier(top_ious)
     total = top_ious[:, 0]
     for j in range(1, k_cand):
         total = total + top_ious[:, j]
@@ -130,19 +133,19 @@ def dsl_assign(cls_logits: Array, decoded_bboxes: Array, priors: Array, gt_boxes
     """
     c = assign_costs(cls_logits, decoded_bboxes, priors, gt_boxes, gt_labels, gt_mask,
                      topk, iou_factor)
-    num_priors, num_gts = c.cost.shape
+    num_gts, num_priors = c.cost.shape
     k_cand = min(topk, num_priors)
-    cand = jax.lax.top_k(-c.cost.T, k_cand)[1]                           # (G, k) cheapest first
+    cand = jax.lax.top_k(-c.cost, k_cand)[1]                             # (G, k) cheapest first
     take = jnp.arange(k_cand)[None, :] < c.dynamic_ks[:, None]           # (G, k)
     gt_ids = jnp.broadcast_to(jnp.arange(num_gts)[:, None], cand.shape)
-    match = jnp.zeros((num_priors, num_gts), jnp.int32).at[cand, gt_ids].max(
+    match = jnp.zeros((num_gts, num_priors), jnp.int32).at[gt_ids, cand].max(
         take.astype(jnp.int32))
-    match = match * c.valid[:, None]
-    n_match = jnp.sum(match, axis=1)
+    match = match * c.valid[None, :]
+    n_match = jnp.sum(match, axis=0)                                     # (P,)
     fg = n_match > 0
-    assigned = jnp.where(n_match > 1, jnp.argmin(c.cost, axis=1), jnp.argmax(match, axis=1))
+    assigned = jnp.where(n_match > 1, jnp.argmin(c.cost, axis=0), jnp.argmax(match, axis=0))
     assigned = jnp.where(fg, assigned, -1).astype(jnp.int32)
-    score = jnp.take_along_axis(c.ious, jnp.maximum(assigned, 0)[:, None], axis=1)[:, 0]
+    score = jnp.take_along_axis(c.ious, jnp.maximum(assigned, 0)[None, :], axis=0)[0]
     return AssignResult(assigned, fg, jnp.where(fg, score, 0.0))
 
 

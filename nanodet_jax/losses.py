@@ -48,10 +48,12 @@ def weight_reduce_loss(loss: Array, weight: Array | None = None, reduction: Redu
 def bce_with_logits(x: Array, z: Array | float) -> Array:
     """Elementwise binary cross-entropy on logits, ``-z log s(x) - (1-z) log(1-s(x))``.
 
-    Stable form ``max(x, 0) - x z + log1p(exp(-|x|))``; its gradient is ``sigmoid(x) - z``
-    everywhere (also at ``x = 0``).
+    Written as ``(1 - z) x - log_sigmoid(x)``: stable for large ``|x|`` and its gradient is
+    ``sigmoid(x) - z`` everywhere. (The common ``max(x,0) - xz + log1p(exp(-|x|))`` form has
+    gradient ``-z`` at exactly ``x = 0`` under JAX, whose ``d|x|/dx`` is 1 there; zero logits
+    do occur, e.g. in the head-loss fixture.)
     """
-    return jnp.maximum(x, 0.0) - x * z + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return (1.0 - z) * x - jax.nn.log_sigmoid(x)
 
 
 def _pow(x: Array, beta: float) -> Array:

@@ -123,12 +123,12 @@ def test_assigner_costs_match_reference_debug(path, case):
     costs = jax.jit(assign_costs)(c["pred_logits"], c["decoded_bboxes"], priors, gb, gl, gm)
     valid = np.asarray(costs.valid)
     np.testing.assert_array_equal(valid, c["dbg_valid_mask"])
-    ious = np.asarray(costs.ious)[valid][:, :g]
+    ious = np.asarray(costs.ious).T[valid][:, :g]  # (G, P) -> valid rows of (P, G)
     np.testing.assert_allclose(ious, c["dbg_pairwise_ious"], rtol=0, atol=1e-6)
-    cost = np.asarray(costs.cost)[valid][:, :g]
+    cost = np.asarray(costs.cost).T[valid][:, :g]
     np.testing.assert_allclose(cost, c["dbg_cost_matrix"], rtol=1e-6, atol=1e-6)
-    assert np.all(np.isposinf(np.asarray(costs.cost)[~valid]))
-    assert np.all(np.isposinf(np.asarray(costs.cost)[:, g:]))
+    assert np.all(np.isposinf(np.asarray(costs.cost)[:, ~valid]))
+    assert np.all(np.isposinf(np.asarray(costs.cost)[g:]))
     np.testing.assert_array_equal(np.asarray(costs.dynamic_ks)[:g], c["dbg_dynamic_ks"])
     np.testing.assert_array_equal(np.asarray(costs.dynamic_ks)[g:], 0)
 
@@ -242,7 +242,7 @@ def test_assigner_invariants_random(seed):
     assert fg.sum() <= ks.sum()
     # each GT selects its k_g <= 13 cheapest valid priors; a prior selected once goes to that
     # GT, a prior selected by several GTs goes to its cheapest GT over all real GTs
-    cost = np.asarray(costs.cost)
+    cost = np.asarray(costs.cost).T  # (P, G)
     sel = np.zeros((PRIORS.shape[0], n_gt), bool)
     for j in range(n_gt):
         sel[np.argsort(cost[:, j], kind="stable")[: ks[j]], j] = True
@@ -255,7 +255,7 @@ def test_assigner_invariants_random(seed):
     np.testing.assert_array_equal(gt_idx[n_sel > 1], cost[n_sel > 1, :n_gt].argmin(1))
     assert np.all(np.bincount(gt_idx[single], minlength=n_gt) <= 13)
     np.testing.assert_allclose(np.asarray(a.label_scores)[fg],
-                               np.asarray(costs.ious)[fg, gt_idx[fg]], rtol=0, atol=0)
+                               np.asarray(costs.ious)[gt_idx[fg], fg], rtol=0, atol=1e-6)
     assert np.all(np.asarray(a.label_scores)[~fg] == 0)
 
     # permuting the GTs (and interleaving the padding slots) permutes the assignment

@@ -169,3 +169,11 @@ def test_dfl_integer_target_is_plain_cross_entropy():
     logp = jax.nn.log_softmax(logits, axis=-1)
     np.testing.assert_allclose(out[0], -logp[0, 2], rtol=1e-6)
     np.testing.assert_allclose(out[1], np.log(4.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("z", [0.0, 0.3, 1.0])
+def test_bce_gradient_at_zero_logit(z):
+    """torch's BCE-with-logits gradient is sigmoid(x) - z, also at x == 0 exactly (zero
+    logits occur in real head outputs and in the head-loss fixture)."""
+    g = jax.grad(lambda x: losses.bce_with_logits(x, z))(0.0)
+    assert float(g) == pytest.approx(0.5 - z, abs=1e-7)
