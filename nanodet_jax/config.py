@@ -47,6 +47,14 @@ COCO_CLASSES = (
 _NORMALIZE = [[103.53, 116.28, 123.675], [57.375, 57.12, 58.395]]
 
 
+def _loss_defaults() -> dict:
+    """NanoDetPlusHead loss settings (reference defaults, also the recipe's values)."""
+    return {"loss_qfl": {"name": "QualityFocalLoss", "use_sigmoid": True, "beta": 2.0,
+                         "loss_weight": 1.0},
+            "loss_dfl": {"name": "DistributionFocalLoss", "loss_weight": 0.25},
+            "loss_bbox": {"name": "GIoULoss", "loss_weight": 2.0}}
+
+
 def _dataset_schema() -> dict:
     return {
         "name": "CocoDataset", "img_path": REQUIRED, "ann_path": REQUIRED,
@@ -80,12 +88,7 @@ def _schema() -> dict:
                          "norm_cfg": {"type": "BN"}, "reg_max": 16, "activation": "LeakyReLU",
                          "assigner_cfg": {"topk": 13},
                          "share_cls_reg": None,  # accepted and ignored, as in the reference
-                         "loss": {
-                             "loss_qfl": {"name": "QualityFocalLoss", "use_sigmoid": True,
-                                          "beta": 2.0, "loss_weight": 1.0},
-                             "loss_dfl": {"name": "DistributionFocalLoss",
-                                          "loss_weight": 0.25},
-                             "loss_bbox": {"name": "GIoULoss", "loss_weight": 2.0}}},
+                         "loss": _loss_defaults()},
                 "aux_head": {"name": "SimpleConvHead", "num_classes": REQUIRED,
                              "input_channel": REQUIRED, "feat_channels": 256,
                              "stacked_convs": 4, "strides": [8, 16, 32],
@@ -235,12 +238,7 @@ def nanodet_plus_recipe(model_size: str = "1.0x", input_size: int = 416,
                          "feat_channels": d, "stacked_convs": 2, "kernel_size": 5,
                          "strides": strides, "activation": "LeakyReLU", "reg_max": 7,
                          "norm_cfg": {"type": "BN"},
-                         "loss": {
-                             "loss_qfl": {"name": "QualityFocalLoss", "use_sigmoid": True,
-                                          "beta": 2.0, "loss_weight": 1.0},
-                             "loss_dfl": {"name": "DistributionFocalLoss",
-                                          "loss_weight": 0.25},
-                             "loss_bbox": {"name": "GIoULoss", "loss_weight": 2.0}}},
+                         "loss": _loss_defaults()},
                 "aux_head": {"name": "SimpleConvHead", "num_classes": 80,
                              "input_channel": 2 * d, "feat_channels": aux,
                              "stacked_convs": 4, "strides": strides,

@@ -56,3 +56,33 @@ def group(data: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     """Sub-dict of keys under ``prefix/`` with the prefix removed."""
     p = prefix.rstrip("/") + "/"
     return {k[len(p):]: v for k, v in data.items() if k.startswith(p)}
+
+
+def keyed_params(pattern: str, suffix: str) -> list:
+    """One param per (file, prefix) for every key ``<prefix>/<suffix>`` of each matching file
+    (id ``<stem>-<prefix>``). A missing file, or a file without such keys, is a failing param.
+    """
+    out = []
+    for p in fixture_params(pattern):
+        path = p.values[0]
+        if isinstance(path, str):  # missing fixture: keep the failing param
+            out.append(pytest.param(path, None, id=p.id))
+            continue
+        with np.load(path) as z:
+            found = sorted(k[: -len(suffix) - 1] for k in z.files if k.endswith("/" + suffix))
+        if not found:
+            out.append(pytest.param(f"no '<prefix>/{suffix}' key in {path}", None, id=p.id))
+        out += [pytest.param(path, c, id=f"{p.id}-{c}") for c in found]
+    return out
+
+
+def assert_close(name: str, got, ref, tol: float = 1e-4) -> float:
+    """Elementwise ``|got - ref| <= tol * (1 + |ref|)``; returns the max abs error."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, f"{name}: shape {got.shape} != reference {ref.shape}"
+    err = np.abs(got - ref)
+    bound = tol * (1 + np.abs(ref))
+    worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.size else ()
+    assert np.all(err <= bound), (f"{name}: max |err| {err.max():.3e} exceeds {tol}*(1+|ref|) "
+                                  f"at {worst} (got {got[worst]}, ref {ref[worst]})")
+    return float(err.max()) if err.size else 0.0

@@ -18,28 +18,11 @@ from nanodet_jax.assigner import (
 )
 from nanodet_jax.box_ops import center_priors, distance2bbox
 
-from .fixtures import fixture_params, load_npz
+from .fixtures import fixture_params, keyed_params, load_npz
 
 NUM_CLASSES_FIXTURE = 80  # assigner.npz: tgt_labels background index (README)
 TARGET_KEYS = ("labels", "label_scores", "label_weights", "bbox_targets", "dist_targets",
                "num_pos")
-
-
-def _case_params(pattern: str) -> list:
-    """One param per (file, case); cases are the prefixes that have ``<case>/pred_logits``."""
-    out = []
-    for p in fixture_params(pattern):
-        path = p.values[0]
-        if isinstance(path, str):  # missing fixture: keep the failing param
-            out.append(pytest.param(path, None, id=p.id))
-            continue
-        with np.load(path) as z:
-            cases = sorted(k[: -len("/pred_logits")] for k in z.files
-                           if k.endswith("/pred_logits"))
-        if not cases:
-            out.append(pytest.param(f"no '<case>/pred_logits' key in {path}", None, id=p.id))
-        out += [pytest.param(path, c, id=f"{p.id}-{c}") for c in cases]
-    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -94,7 +77,7 @@ def _check_against_fixture(c: dict[str, np.ndarray], assign, targets) -> None:
                                rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("path,case", _case_params("assigner*.npz"))
+@pytest.mark.parametrize("path,case", keyed_params("assigner*.npz", "pred_logits"))
 def test_assigner_matches_reference_padded(path, case):
     c, priors = _case(path, case)
     g = c["gt_bboxes"].shape[0]
@@ -108,7 +91,7 @@ def test_assigner_matches_reference_padded(path, case):
     assert np.all(np.asarray(a.assigned_gt) < g)
 
 
-@pytest.mark.parametrize("path,case", _case_params("assigner*.npz"))
+@pytest.mark.parametrize("path,case", keyed_params("assigner*.npz", "pred_logits"))
 def test_assigner_costs_match_reference_debug(path, case):
     """Valid mask, IoUs, cost matrix and dynamic k against the reference's internals."""
     c, priors = _case(path, case)
@@ -136,7 +119,7 @@ def test_assigner_costs_match_reference_debug(path, case):
 @pytest.mark.parametrize("path", fixture_params("assigner*.npz"))
 def test_assigner_batched_vmap(path):
     """All cases of a file in one vmapped, jitted call with a common G_max."""
-    params = [p for p in _case_params("assigner*.npz") if p.values[0] == path]
+    params = [p for p in keyed_params("assigner*.npz", "pred_logits") if p.values[0] == path]
     cases = [_case(path, p.values[1]) for p in params]
     assert cases
     priors = cases[0][1]

@@ -31,7 +31,7 @@ from nanodet_jax.box_ops import center_priors
 from nanodet_jax.config import load_config_text
 from nanodet_jax.convert import torch_to_flax
 from nanodet_jax.models import build_model
-from tests.fixtures import REPO_ROOT, fixture_params, group, load_npz
+from tests.fixtures import REPO_ROOT, assert_close, fixture_params, group, load_npz
 
 MODEL_FIXTURES = fixture_params("model_*.npz")
 TOL = 1e-4  # max |onnx - ref| <= TOL * (1 + |ref|), elementwise
@@ -80,17 +80,6 @@ def _jax_case(path, hw: tuple[int, int]):
     y = jax.jit(lambda v, im: model.apply(v, im, train=False))(
         variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
     return x, _with_sigmoid(y, int(cfg.model.arch.head.num_classes))
-
-
-def assert_close(name: str, got, ref, tol: float = TOL) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, f"{name}: shape {got.shape} != reference {ref.shape}"
-    err = np.abs(got - ref)
-    bound = tol * (1 + np.abs(ref))
-    worst = np.unravel_index(np.argmax(err - bound), err.shape)
-    assert np.all(err <= bound), (f"{name}: max |err| {err.max():.3e} exceeds {tol}*(1+|ref|) "
-                                  f"at {worst} (got {got[worst]}, ref {ref[worst]})")
-    return float(err.max())
 
 
 def _signature(model) -> list:

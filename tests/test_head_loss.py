@@ -13,27 +13,10 @@ import pytest
 from nanodet_jax.box_ops import center_priors
 from nanodet_jax.head_loss import HeadLossConfig, head_loss, head_loss_and_targets
 
-from .fixtures import fixture_params, load_npz
+from .fixtures import keyed_params, load_npz
 
 TARGET_FIELDS = ("labels", "label_scores", "label_weights", "bbox_targets", "dist_targets",
                  "num_pos")
-
-
-def _group_params(pattern: str) -> list:
-    """One param per (file, group); a group is any prefix with a ``<group>/loss_total`` key."""
-    out = []
-    for p in fixture_params(pattern):
-        path = p.values[0]
-        if isinstance(path, str):
-            out.append(pytest.param(path, None, id=p.id))
-            continue
-        with np.load(path) as z:
-            groups = sorted(k[: -len("/loss_total")] for k in z.files
-                            if k.endswith("/loss_total"))
-        if not groups:
-            out.append(pytest.param(f"no '<group>/loss_total' key in {path}", None, id=p.id))
-        out += [pytest.param(path, g, id=f"{p.id}-{g}") for g in groups]
-    return out
 
 
 @functools.lru_cache(maxsize=2)
@@ -94,7 +77,7 @@ def _setup(path, group):
     return data, cfg, hw, b, preds, aux, gts
 
 
-@pytest.mark.parametrize("path,group", _group_params("head_loss*.npz"))
+@pytest.mark.parametrize("path,group", keyed_params("head_loss*.npz", "loss_total"))
 def test_head_loss_matches_reference(path, group):
     data, cfg, hw, b, preds, aux, gts = _setup(path, group)
     gb, gl, gm = _pad(gts)
@@ -129,7 +112,7 @@ def test_head_loss_matches_reference(path, group):
             assert set(t) == set(TARGET_FIELDS)
 
 
-@pytest.mark.parametrize("path,group", _group_params("head_loss*.npz"))
+@pytest.mark.parametrize("path,group", keyed_params("head_loss*.npz", "loss_total"))
 def test_head_loss_wrapper_and_padding_independent(path, group):
     """``head_loss`` equals the targets variant and does not depend on G_max / padding."""
     data, cfg, hw, b, preds, aux, gts = _setup(path, group)

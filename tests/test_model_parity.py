@@ -17,7 +17,7 @@ import pytest
 from nanodet_jax.config import load_config_text
 from nanodet_jax.convert import flax_to_torch, match_report, torch_to_flax
 from nanodet_jax.models import build_model
-from tests.fixtures import fixture_params, group, load_npz
+from tests.fixtures import assert_close, fixture_params, group, load_npz
 
 MODEL_FIXTURES = fixture_params("model_*.npz")
 TOL = 1e-4  # max |jax - ref| <= TOL * (1 + |ref|), elementwise
@@ -30,17 +30,6 @@ def _load(path):
     variables = torch_to_flax(group(data, "state_dict"), cfg)
     images = jnp.asarray(data["input_images"].transpose(0, 2, 3, 1))
     return data, cfg, variables, images
-
-
-def assert_close(name: str, got, ref, tol: float = TOL) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, f"{name}: shape {got.shape} != reference {ref.shape}"
-    err = np.abs(got - ref)
-    bound = tol * (1 + np.abs(ref))
-    worst = np.unravel_index(np.argmax(err - bound), err.shape)
-    assert np.all(err <= bound), (f"{name}: max |err| {err.max():.3e} exceeds {tol}*(1+|ref|) "
-                                  f"at {worst} (got {got[worst]}, ref {ref[worst]})")
-    return float(err.max())
 
 
 def _nchw(x) -> np.ndarray:
