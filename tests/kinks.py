@@ -129,7 +129,8 @@ def resolve(run: Callable, ref_bias: dict[tuple[str, ...], np.ndarray],
     ``nudges`` maps ``"<path>/<call>"`` to a dense side array of that call's shape (+1/-1:
     force the element to that side of the kink by mirroring it, 0: untouched; same structure
     every call, so a jitted ``run`` compiles once). ``ref_bias[path]`` is the reference's
-    bias gradient of that norm layer. Returns ``(n_flips, out)``, ``out`` the last result.
+    bias gradient of that norm layer. Returns ``(n_flips, out, first)``: ``out`` is the last
+    result, ``first`` the one without any nudge.
     """
     nud = {(p, k): np.zeros(s, np.float32) for p, shapes in pre_shapes.items()
            for k, s in enumerate(shapes)}
@@ -138,7 +139,7 @@ def resolve(run: Callable, ref_bias: dict[tuple[str, ...], np.ndarray],
     def call():
         return run({"/".join(p) + f"/{k}": jnp.asarray(v) for (p, k), v in nud.items()})
 
-    out = call()
+    out = first = call()
     for _ in range(max_rounds):
         grads, pre, cot = out[:3]
         new = 0
@@ -189,4 +190,4 @@ def resolve(run: Callable, ref_bias: dict[tuple[str, ...], np.ndarray],
         if not new:
             break
         out = call()
-    return sum(len(s) for s in flips.values()), out
+    return sum(len(s) for s in flips.values()), out, first
