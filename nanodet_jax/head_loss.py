@@ -87,7 +87,9 @@ def head_loss_and_targets(preds: Array, aux_preds: Array | None, gt_boxes: Array
     Returns ``(loss_total, states, targets)`` with ``targets`` a
     :class:`~nanodet_jax.assigner.HeadTargets` whose fields have a leading ``B`` axis.
     """
-    priors = jnp.asarray(center_priors(int(input_hw[0]), int(input_hw[1]), cfg.strides))
+    # priors in the predictions' precision (at least float32): float64 runs stay float64
+    priors = jnp.asarray(center_priors(int(input_hw[0]), int(input_hw[1]), cfg.strides),
+                         jnp.promote_types(preds.dtype, jnp.float32))
     cls, reg, boxes = split_and_decode(preds, priors, cfg)
     sets = {"": (cls, reg, boxes)}
     if aux_preds is not None:

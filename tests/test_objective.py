@@ -1,34 +1,57 @@
-"""Full-model objective parity (loss terms, gradient of every parameter, BN update),
-data-driven over every model_*.npz fixture, before and after detach_epoch."""
+"""Full-model objective parity: the shipped ``make_objective`` / ``loss_and_grads`` against the
+reference's training step, data-driven over every ``model_*.npz``, before and after detach.
+
+Why two precisions (fixture README, "Float64 training step"): the reference's float32
+gradients are not reproducible across CPUs. A few of the ~10^7 pre-activations sit within
+float32 rounding of a LeakyReLU kink or a max-pool tie, and the branch they take depends on
+the last bits of the forward pass (instruction set, summation order); single tensors move by
+up to a few percent. So:
+
+* **float64** (x64 enabled for these tests only; variables, images and GTs upcast) pins the
+  exact math: every loss term within 1e-8 relative of ``train64_*``, every parameter gradient
+  within 1e-6 (``||got - ref|| / ||ref||`` per tensor) of ``grad64*``.
+* **float32** asserts only what holds on every CPU: loss terms within 1e-4 of the float32
+  reference, and gradients within 5e-2 of the float64 reference per top-level module
+  (``||got - ref|| / ||ref||`` over all of a module's tensors together). Rounding moves whole
+  modules by < 1 % on the reference itself; a wrong ``detach`` moves backbone/fpn by 30-65 %,
+  a missing term or a wrong scale by far more than 5 %.
+* BatchNorm running statistics after the step equal ``state_dict_after_train`` (both runs).
+"""
 
 from __future__ import annotations
 
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from nanodet_jax.config import load_config_text
 from nanodet_jax.convert import flax_to_torch, torch_to_flax
-from nanodet_jax.head_loss import head_loss
 from nanodet_jax.models import build_model
-from nanodet_jax.objective import head_loss_config, loss_and_grads, make_objective
-from tests import kinks
+from nanodet_jax.objective import loss_and_grads, make_objective
 from tests.fixtures import fixture_params, group, load_npz
 
 MODEL_FIXTURES = fixture_params("model_*.npz")
-LOSS_TOL = 1e-4  # relative, per loss term
-GRAD_TOL = 1e-4  # ||jax - ref|| / ||ref|| per parameter tensor
 TERMS = ("loss_qfl", "loss_bbox", "loss_dfl", "aux_loss_qfl", "aux_loss_bbox", "aux_loss_dfl")
+LOSS_TOL_F64 = 1e-8     # relative, per loss term
+GRAD_TOL_F64 = 1e-6     # ||got - ref|| / ||ref|| per parameter tensor
+LOSS_TOL_F32 = 1e-4     # relative, per loss term (against the float32 reference)
+MODULE_TOL_F32 = 5e-2   # ||got - ref|| / ||ref|| over one top-level module, vs float64
+MODULES = ("backbone", "fpn", "head", "aux_fpn", "aux_head")
+# layers whose output reaches a train-mode BN through a 1x1 conv with no activation between:
+# their bias only shifts a channel by a constant, which that BN removes, so the exact gradient
+# is 0 and both sides hold rounding noise (the float64 reference stores ~1e-17)
+ZERO_GRAD_BIAS_LAYERS = (("branch2", "4"), ("branch1", "1"), ("shortcut", "1"))
+
+DETACH = pytest.mark.parametrize("detach", [False, True], ids=["before_detach", "after_detach"])
 
 
-def make_batch(data: dict, pad_to: int) -> dict:
+def make_batch(data: dict, pad_to: int, dtype=np.float32) -> dict:
     """Fixture GT lists -> padded batch (padding rows hold garbage to prove masking)."""
-    images = data["input_images"].transpose(0, 2, 3, 1)
+    images = data["input_images"].transpose(0, 2, 3, 1).astype(dtype)
     b = images.shape[0]
-    boxes = np.tile(np.array([5.0, 5.0, 60.0, 60.0], np.float32), (b, pad_to, 1))
+    boxes = np.tile(np.array([5.0, 5.0, 60.0, 60.0], dtype), (b, pad_to, 1))
     labels = np.full((b, pad_to), 3, np.int32)
     mask = np.zeros((b, pad_to), bool)
     for i in range(b):
@@ -36,152 +59,133 @@ def make_batch(data: dict, pad_to: int) -> dict:
         boxes[i, :len(g)] = g
         labels[i, :len(g)] = data[f"train/gt_labels/img{i}"]
         mask[i, :len(g)] = True
-    return {"image": jnp.asarray(images), "gt_boxes": jnp.asarray(boxes),
-            "gt_labels": jnp.asarray(labels), "gt_mask": jnp.asarray(mask)}
+    return {"image": images, "gt_boxes": boxes, "gt_labels": labels, "gt_mask": mask}
 
 
-def _kink_resolved_step(model, cfg, variables: dict, batch: dict, detach: bool, ref: dict):
-    """Loss, states, new BN stats and parameter grads with LeakyReLU rounding ties resolved
-    the way the reference resolved them (see ``tests/kinks.py``)."""
-    loss_cfg = head_loss_config(cfg)
-    apply = kinks.instrumented(model.apply)
-    images = batch["image"]
-
-    def f(params, perts, nudges):
-        (p, a), st = apply({"params": params, "batch_stats": variables["batch_stats"],
-                            "perturbations": perts}, nudges, images, train=True, detach=detach,
-                           mutable=["batch_stats", "intermediates"])
-        loss, states = head_loss(p, a, batch["gt_boxes"], batch["gt_labels"], batch["gt_mask"],
-                                 tuple(images.shape[1:3]), loss_cfg)
-        return loss, (states, st)
-
-    shapes = jax.eval_shape(lambda: kinks.instrumented(model.init)(
-        jax.random.key(0), {}, images, train=True)["perturbations"])
-    perts = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    pre_shapes = {p: [tuple(a.shape) for a in lst]
-                  for p, lst in kinks._entries(shapes).items()}
-    step = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
-
-    def run(nudges):
-        (loss, (states, st)), (g_params, g_perts) = step(variables["params"], perts, nudges)
-        flat = kinks._flat(g_params)
-        bias = {p: flat[(*p, "bias")] for p in pre_shapes if (*p, "bias") in flat}
-        return (bias, kinks._entries(st["intermediates"]), kinks._entries(g_perts),
-                (loss, states, st["batch_stats"], g_params))
-
-    ref_bias = {tuple(k.split(".")[:-1]): v for k, v in ref.items() if k.endswith(".bias")}
-    n_flips, out, first = kinks.resolve(run, ref_bias, pre_shapes)
-    return n_flips, out[3], first[3]
+def _upcast(tree, dtype):
+    return jax.tree.map(lambda a: np.asarray(a, dtype) if np.asarray(a).dtype.kind == "f"
+                        else np.asarray(a), tree)
 
 
-@functools.lru_cache(maxsize=1)
-def _run(path):
+def _step(path, dtype_name: str, detach: bool):
+    """One shipped objective step on the fixture: ``(data, loss, states, new_bn, grads)`` with
+    grads as a torch-named dict of float64 numpy arrays."""
     data = load_npz(path)
     cfg = load_config_text(str(data["config_yaml"]))
-    variables = torch_to_flax(group(data, "state_dict"), cfg)
+    dtype = np.dtype(dtype_name)
+    variables = _upcast(torch_to_flax(group(data, "state_dict"), cfg), dtype)
     n_gt = max(len(v) for k, v in data.items() if k.startswith("train/gt_labels/"))
-    batch = make_batch(data, pad_to=n_gt + 3)
-    model = build_model(cfg)
-    out = {}
-    for detach in (False, True):
-        ref = _ref_grads(data, detach)
-        out[detach] = _kink_resolved_step(model, cfg, variables, batch, detach, ref)
-    return data, out
+    batch = make_batch(data, pad_to=n_gt + 3, dtype=dtype)
+    objective = make_objective(build_model(cfg), cfg)
+    step = jax.jit(functools.partial(loss_and_grads, objective), static_argnums=(2,))
+    with jax.enable_x64(dtype == np.float64):
+        (loss, (states, new_bn)), grads = step(variables, batch, detach)
+        leaves = jax.tree.leaves(grads)
+        assert all(g.dtype == dtype for g in leaves), "a gradient left the run's precision"
+        out = (float(loss), {k: float(v) for k, v in states.items()},
+               jax.tree.map(np.asarray, new_bn),
+               {k: np.asarray(v, np.float64) for k, v in
+                flax_to_torch({"params": grads}).items()})
+    return (data, *out)
 
 
-def _ref_grads(data: dict, detach: bool) -> dict:
-    ref = group(data, "grad")
+def _ref64_grads(data: dict, detach: bool) -> dict[str, np.ndarray]:
+    """The float64 reference gradients of this mode: ``grad64/*``, with the backbone/fpn
+    tensors that ``grad64_before_detach/*`` stores replacing them before detach (a fixture may
+    store a subset: backbone/fpn tensors it lacks are then not compared before detach)."""
+    ref = {k: v.astype(np.float64) for k, v in group(data, "grad64").items()}
+    assert ref, "fixture lacks grad64/*"
     if not detach:
-        before = group(data, "grad_before_detach_backbone_fpn")
-        assert before, "fixture lacks grad_before_detach_backbone_fpn/*"
-        ref = {**ref, **before}
+        before = {k: v.astype(np.float64) for k, v in group(data, "grad64_before_detach").items()}
+        assert before, "fixture lacks grad64_before_detach/*"
+        ref = {k: v for k, v in ref.items() if not k.startswith(("backbone.", "fpn."))}
+        ref.update(before)
     return ref
 
 
+def _zero_grad_bias(name: str) -> bool:
+    parts = name.split(".")
+    return parts[-1] == "bias" and tuple(parts[-3:-1]) in ZERO_GRAD_BIAS_LAYERS
+
+
 def _rel(got, ref) -> float:
-    return float(np.linalg.norm(np.asarray(got, np.float64) - ref) /
-                 max(np.linalg.norm(np.asarray(ref, np.float64)), 1e-30))
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300))
 
 
-@pytest.mark.parametrize("detach", [False, True], ids=["before_detach", "after_detach"])
+def _loss_errors(loss: float, states: dict, ref: dict) -> dict[str, float]:
+    errs = {n: abs(states[n] - float(ref[n])) / abs(float(ref[n])) for n in TERMS}
+    errs["loss_total"] = abs(loss - float(ref["loss_total"])) / abs(float(ref["loss_total"]))
+    return errs
+
+
+def _check_bn(new_bn, data: dict) -> None:
+    got = flax_to_torch({"batch_stats": new_bn})
+    ref = group(data, "state_dict_after_train")
+    assert ref, "fixture lacks state_dict_after_train/*"
+    for name, r in ref.items():
+        if name.endswith("num_batches_tracked"):
+            assert int(got[name]) == int(r), name
+        else:
+            np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@DETACH
 @pytest.mark.parametrize("path", MODEL_FIXTURES)
-def test_loss_terms(path, detach):
-    data, out = _run(path)
-    _, (loss, states, _, _), _ = out[detach]
-    ref = group(data, "train_after_detach" if detach else "train_before_detach")
-    for name in TERMS:
-        r = float(ref[name])
-        assert abs(float(states[name]) - r) <= LOSS_TOL * abs(r) + 1e-7, (
-            name, float(states[name]), r)
-    assert abs(float(loss) - float(ref["loss_total"])) <= LOSS_TOL * abs(float(
-        ref["loss_total"]))
+def test_float64_step_equals_reference(path, detach):
+    """Exact math: loss terms ≤ 1e-8 relative, every gradient tensor ≤ 1e-6."""
+    data, loss, states, new_bn, grads = _step(path, "float64", detach)
+    ref_loss = group(data, "train64_after_detach" if detach else "train64_before_detach")
+    assert ref_loss, "fixture lacks train64_*"
+    loss_err = _loss_errors(loss, states, ref_loss)
+    bad = {k: f"{e:.2e}" for k, e in loss_err.items() if e > LOSS_TOL_F64}
+    assert not bad, f"loss terms off by more than {LOSS_TOL_F64} (relative): {bad}"
 
-
-@pytest.mark.parametrize("detach", [False, True], ids=["before_detach", "after_detach"])
-@pytest.mark.parametrize("path", MODEL_FIXTURES)
-def test_gradients_every_parameter(path, detach):
-    data, out = _run(path)
-    n_flips, (_, _, _, grads), _ = out[detach]
-    got = flax_to_torch({"params": grads})
-    ref = _ref_grads(data, detach)
-    assert sorted(got) == sorted(ref), "gradient set differs from the reference parameters"
+    ref = _ref64_grads(data, detach)
+    if detach:
+        assert sorted(grads) == sorted(ref), "gradient set differs from the reference"
+    missing = sorted(set(ref) - set(grads))
+    assert not missing, f"reference gradients without a parameter here: {missing[:5]}"
     errors = {}
     for name, r in ref.items():
-        mod = tuple(name.split(".")[:-1])
-        if name.endswith(".bias") and kinks.bias_zero_by_construction(mod):
-            # exact gradient is 0 (next train-mode BN removes a constant shift): both sides
-            # hold rounding noise, so measure against the same layer's weight gradient
+        if _zero_grad_bias(name):
+            # exact gradient 0: measure against the same layer's weight gradient
             scale = np.linalg.norm(ref[name[:-len("bias")] + "weight"])
-            errors[name] = float(np.linalg.norm(got[name] - r) / scale)
+            assert np.linalg.norm(r) <= 1e-9 * scale, f"{name}: reference gradient is not ~0"
+            errors[name] = float(np.linalg.norm(grads[name] - r) / scale)
         else:
-            errors[name] = _rel(got[name], r)
+            errors[name] = _rel(grads[name], r)
     worst = sorted(((e, k) for k, e in errors.items()), reverse=True)
-    bad = [(k, f"{e:.2e}") for e, k in worst if e > GRAD_TOL]
-    assert not bad, f"{len(bad)} tensors exceed {GRAD_TOL}: {bad[:10]}"
-    print(f"\n{path.name} detach={detach}: {n_flips} LeakyReLU rounding ties resolved; "
-          f"worst grad rel errors {[(k, f'{e:.2e}') for e, k in worst[:3]]}")
+    bad = [(k, f"{e:.2e}") for e, k in worst if e > GRAD_TOL_F64]
+    assert not bad, f"{len(bad)} of {len(errors)} tensors exceed {GRAD_TOL_F64}: {bad[:10]}"
+    _check_bn(new_bn, data)
+    print(f"\n{path.stem} float64 detach={detach}: worst loss term "
+          f"{max(loss_err.values()):.1e}; worst gradients "
+          f"{[(k, f'{e:.1e}') for e, k in worst[:3]]} over {len(errors)} tensors")
 
 
+@DETACH
 @pytest.mark.parametrize("path", MODEL_FIXTURES)
-def test_bn_update_through_objective(path):
-    data, out = _run(path)
-    _, (_, _, new_stats, _), _ = out[False]
-    got = flax_to_torch({"batch_stats": new_stats})
-    for name, ref in group(data, "state_dict_after_train").items():
-        if name.endswith("num_batches_tracked"):
-            assert int(got[name]) == int(ref), name
-        else:
-            np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-4, err_msg=name)
+def test_float32_step_within_rounding_of_reference(path, detach):
+    """What float32 can promise on any CPU: loss terms ≤ 1e-4 of the float32 reference,
+    gradients ≤ 5e-2 of the float64 reference per top-level module."""
+    data, loss, states, new_bn, grads = _step(path, "float32", detach)
+    ref_loss = group(data, "train_after_detach" if detach else "train_before_detach")
+    loss_err = _loss_errors(loss, states, ref_loss)
+    bad = {k: f"{e:.2e}" for k, e in loss_err.items() if e > LOSS_TOL_F32}
+    assert not bad, f"loss terms off by more than {LOSS_TOL_F32} (relative): {bad}"
 
-
-@pytest.mark.parametrize("path", MODEL_FIXTURES)
-def test_shipped_objective_equals_instrumented_path(path):
-    """``make_objective``/``loss_and_grads`` (what the train step uses) gives the same loss,
-    states, BN update and gradients as the instrumented path above before any kink
-    resolution (same math, compiled with other fusions: float32 reassociation only).
-    Deeper gradients can differ through the LeakyReLU rounding ties between any two
-    compilations (see tests/kinks.py), so exact agreement is required only of the output
-    layers, after which no kink lies; every gradient must exist and be finite."""
-    data, out = _run(path)
-    cfg = load_config_text(str(data["config_yaml"]))
-    variables = torch_to_flax(group(data, "state_dict"), cfg)
-    n_gt = max(len(v) for k, v in data.items() if k.startswith("train/gt_labels/"))
-    batch = make_batch(data, pad_to=n_gt + 3)
-    objective = make_objective(build_model(cfg), cfg)
-    step = jax.jit(functools.partial(loss_and_grads, objective), static_argnums=(2,))
-    (loss, (states, new_stats)), grads = step(variables, batch, True)
-    _, _, (ref_loss, ref_states, ref_stats, ref_grads) = out[True]
-    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
-    for name in TERMS:
-        assert abs(float(states[name]) - float(ref_states[name])) <= 1e-5 * abs(
-            float(ref_states[name])) + 1e-9, name
-    got, ref = flax_to_torch({"params": grads}), flax_to_torch({"params": ref_grads})
-    assert sorted(got) == sorted(ref)
-    assert all(np.all(np.isfinite(v)) for v in got.values())
-    outputs = [k for k in ref if k.startswith(("head.gfl_cls.", "aux_head.gfl_", "aux_head.sc"))]
-    assert outputs
-    for k in outputs:
-        assert _rel(got[k], ref[k]) <= GRAD_TOL, (k, _rel(got[k], ref[k]))
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                                   atol=1e-6),
-                           new_stats, ref_stats)
+    ref = _ref64_grads(data, detach)
+    module_err = {}
+    for mod in MODULES:
+        names = [k for k in ref if k.startswith(mod + ".")]
+        assert names, f"no reference gradient for module {mod}"
+        diff = np.sqrt(sum(np.sum((grads[k] - ref[k]) ** 2) for k in names))
+        norm = np.sqrt(sum(np.sum(ref[k] ** 2) for k in names))
+        module_err[mod] = float(diff / norm)
+    assert all(np.all(np.isfinite(g)) for g in grads.values())
+    bad = {m: f"{e:.2e}" for m, e in module_err.items() if e > MODULE_TOL_F32}
+    assert not bad, f"module gradients off by more than {MODULE_TOL_F32} vs float64: {bad}"
+    _check_bn(new_bn, data)
+    print(f"\n{path.stem} float32 detach={detach}: worst loss term "
+          f"{max(loss_err.values()):.1e}; module gradient errors vs float64 "
+          f"{ {m: f'{e:.1e}' for m, e in module_err.items()} }")

@@ -25,9 +25,15 @@ LEAKY_SLOPE = 0.1  # every LeakyReLU in NanoDet uses slope 0.1, not 0.01
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch convention: running <- (1 - m) * running + m * batch
 
+def leaky_relu(x: Array, negative_slope: float = LEAKY_SLOPE) -> Array:
+    """PyTorch's LeakyReLU, gradient included: the derivative at exactly 0 is the negative
+    slope (torch takes the ``x > 0`` branch strictly), where ``jax.nn.leaky_relu`` gives 1."""
+    return jnp.where(x > 0, x, x * jnp.asarray(negative_slope, x.dtype))
+
+
 _ACTIVATIONS: dict[str, Callable[[Array], Array] | None] = {
     "ReLU": jax.nn.relu,
-    "LeakyReLU": lambda x: jax.nn.leaky_relu(x, LEAKY_SLOPE),
+    "LeakyReLU": leaky_relu,
     "ReLU6": jax.nn.relu6,
     "SELU": jax.nn.selu,
     "ELU": jax.nn.elu,
@@ -190,7 +196,8 @@ class BatchNorm(nn.Module):
             mean, var = ra_mean.value, ra_var.value
         else:
             axes = tuple(range(x.ndim - 1))
-            xf = x.astype(jnp.float32)
+            # statistics in at least float32 (bf16 inputs), float64 stays float64
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             mean = jnp.mean(xf, axis=axes)
             var = jnp.mean(jnp.square(xf - mean), axis=axes)
             if not self.is_initializing():
@@ -226,7 +233,9 @@ class ConvModule(nn.Module):
         if self.norm == "BN":
             x = BatchNorm(use_running_average=not train, name="bn")(x)
         elif self.norm == "GN":
-            x = nn.GroupNorm(num_groups=self.gn_groups, epsilon=BN_EPS, name="gn")(x)
+            # two-pass statistics (E[(x - E[x])^2]) like PyTorch, not E[x^2] - E[x]^2
+            x = nn.GroupNorm(num_groups=self.gn_groups, epsilon=BN_EPS, use_fast_variance=False,
+                             name="gn")(x)
         elif self.norm is not None:
             raise ValueError(f"unsupported norm {self.norm!r} (use 'BN', 'GN' or None)")
         return activation_fn(self.activation)(x)
