@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 TORCH_SUFFIXES = (".ckpt", ".pth", ".pt")
+INIT_HW = (64, 64)  # trace size of the fresh init that fills a non-strict load (any works)
 
 
 def save_variables(path: str | Path, variables: dict, overwrite: bool = False) -> Path:
@@ -33,22 +34,43 @@ def save_variables(path: str | Path, variables: dict, overwrite: bool = False) -
     return p
 
 
-def load_variables(path: str | Path, cfg: Any, prefer_ema: bool = True,
-                   strict: bool = True) -> dict:
-    """Variables from an orbax directory written by ``save_variables`` or a reference
-    ``.ckpt``/``.pth`` file (EMA weights preferred, as the reference does)."""
+def load_variables(path: str | Path, cfg: Any, prefer_ema: bool = True, strict: bool = True,
+                   rng: jax.Array | None = None) -> dict:
+    """Variables ``{'params', 'batch_stats'}`` from an orbax directory written by
+    ``save_variables`` or a reference ``.ckpt``/``.pth`` file (EMA weights preferred, as the
+    reference does; conv kernels HWIO).
+
+    ``strict=False`` is the reference's fine-tuning load (spec §14.2; see
+    ``convert.torch_to_flax``): entries that are missing from the checkpoint or mis-shaped
+    (e.g. ``head.gfl_cls.*`` of an 80-class checkpoint in a 5-class config) come from a fresh
+    ``init_variables`` of ``cfg`` drawn with ``rng`` (default ``jax.random.key(0)``), unexpected
+    ones are ignored, and all of them are named in one warning. It applies to orbax
+    directories too; ``strict=True`` restores an orbax directory exactly as saved.
+    """
+    from nanodet_jax.convert import flax_to_torch, load_torch_checkpoint, torch_to_flax
+
     p = Path(path)
     if p.is_file() and p.suffix in TORCH_SUFFIXES:
-        from nanodet_jax.convert import load_torch_checkpoint, torch_to_flax
-
-        return torch_to_flax(load_torch_checkpoint(p, prefer_ema=prefer_ema), cfg,
-                             strict=strict)
-    if not p.is_dir():
+        state_dict = load_torch_checkpoint(p, prefer_ema=prefer_ema)
+    elif p.is_dir():
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(p.resolve())
+        if not isinstance(tree, dict) or "params" not in tree:
+            raise ValueError(f"{p}: not a nanodet_jax variables checkpoint (no 'params')")
+        tree.setdefault("batch_stats", {})
+        if strict:
+            return tree
+        state_dict = flax_to_torch(tree)
+    else:
         raise FileNotFoundError(f"checkpoint {p} is neither an orbax directory nor a "
                                 f"{'/'.join(TORCH_SUFFIXES)} file")
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(p.resolve())
-    if not isinstance(tree, dict) or "params" not in tree:
-        raise ValueError(f"{p}: not a nanodet_jax variables checkpoint (no 'params')")
-    tree.setdefault("batch_stats", {})
-    return tree
+    return torch_to_flax(state_dict, cfg, strict=strict,
+                         base_variables=lambda: _fresh_variables(cfg, rng))
+
+
+def _fresh_variables(cfg: Any, rng: jax.Array | None) -> dict:
+    """``init_variables`` of the full training model of ``cfg`` (``rng`` default key 0)."""
+    from nanodet_jax.models import build_model, init_variables
+
+    key = jax.random.key(0) if rng is None else rng
+    return init_variables(build_model(cfg), key, INIT_HW)

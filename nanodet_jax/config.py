@@ -61,6 +61,8 @@ def _dataset_schema() -> dict:
         "input_size": REQUIRED, "keep_ratio": False, "pipeline": {OPEN: True},
         "multi_scale": None, "class_names": None, "use_instance_mask": False,
         "use_seg_mask": False, "use_keypoint": False, "load_mosaic": False, "mode": None,
+        "split": None, "data_dir": None,  # TFDS sources (nanodet_jax.data.readers)
+        "max_boxes": None,  # G of the padded GT arrays; None = the dataset's largest count
     }
 
 
@@ -75,7 +77,10 @@ def _schema() -> dict:
                 "detach_epoch": 0,
                 "backbone": {"name": "ShuffleNetV2", "model_size": "1.5x",
                              "out_stages": [2, 3, 4], "activation": "ReLU",
-                             "with_last_conv": False, "pretrain": True, "kernal_size": 3},
+                             "with_last_conv": False, "kernal_size": 3,
+                             # False, True (reference: download ImageNet weights, which
+                             # models.init_train_variables refuses) or a torchvision .pth path
+                             "pretrain": True},
                 "fpn": {"name": "GhostPAN", "in_channels": REQUIRED, "out_channels": REQUIRED,
                         "use_depthwise": False, "kernel_size": 5, "expand": 1,
                         "num_blocks": 1, "use_res": False, "num_extra_level": 0,
@@ -84,15 +89,15 @@ def _schema() -> dict:
                         "norm_cfg": {"type": "BN"}},
                 "head": {"name": "NanoDetPlusHead", "num_classes": REQUIRED,
                          "input_channel": REQUIRED, "feat_channels": 96, "stacked_convs": 2,
-                         "kernel_size": 5, "strides": [8, 16, 32], "conv_type": "DWConv",
-                         "norm_cfg": {"type": "BN"}, "reg_max": 16, "activation": "LeakyReLU",
+                         "kernel_size": 5, "strides": [8, 16, 32, 64], "conv_type": "DWConv",
+                         "norm_cfg": {"type": "BN"}, "reg_max": 7, "activation": "LeakyReLU",
                          "assigner_cfg": {"topk": 13},
                          "share_cls_reg": None,  # accepted and ignored, as in the reference
                          "loss": _loss_defaults()},
                 "aux_head": {"name": "SimpleConvHead", "num_classes": REQUIRED,
                              "input_channel": REQUIRED, "feat_channels": 256,
-                             "stacked_convs": 4, "strides": [8, 16, 32],
-                             "activation": "LeakyReLU", "reg_max": 16, "conv_cfg": None,
+                             "stacked_convs": 4, "strides": [8, 16, 32, 64],
+                             "activation": "LeakyReLU", "reg_max": 7, "conv_cfg": None,
                              "norm_cfg": {"type": "GN", "num_groups": 32,
                                           "requires_grad": True}},
             },
@@ -147,6 +152,13 @@ def _merge(schema: Any, value: Any, path: str, source: str) -> Any:
     return out
 
 
+def check_pretrain(value: Any, source: str = "<config>") -> None:
+    """``model.arch.backbone.pretrain`` must be a bool or a non-empty path string."""
+    if not isinstance(value, bool) and not (isinstance(value, str) and value):
+        raise ConfigError(f"{source}: model.arch.backbone.pretrain must be false, true or the "
+                          f"path of a torchvision ShuffleNetV2 .pth file, got {value!r}")
+
+
 def _check_semantics(cfg: dict, source: str) -> None:
     arch = cfg["model"]["arch"]
     if arch["name"] != "NanoDetPlus":
@@ -162,6 +174,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
         if not (isinstance(size, (list, tuple)) and len(size) == 2):
             raise ConfigError(f"{source}: data.{split}.input_size must be [width, height], "
                               f"got {size!r}")
+    check_pretrain(arch["backbone"]["pretrain"], source)
     n = len(cfg["class_names"])
     for sec in ("head", "aux_head"):
         if arch[sec]["num_classes"] != n:

@@ -21,7 +21,9 @@ and is regenerated on export. torch is only needed to *read* ``.ckpt``/``.pth`` 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,10 @@ PROJECT_BUFFER_SUFFIX = "distribution_project.project"
 
 class CheckpointMismatchError(ValueError):
     """State-dict keys that do not match the model (listed by name)."""
+
+
+class CheckpointMismatchWarning(UserWarning):
+    """A non-strict load replaced, filled or ignored state-dict entries (listed by name)."""
 
 
 def _flax_leaf(key: str, arr: np.ndarray) -> tuple[str, tuple[str, ...], np.ndarray]:
@@ -57,22 +63,27 @@ def _flax_leaf(key: str, arr: np.ndarray) -> tuple[str, tuple[str, ...], np.ndar
     raise KeyError(key)
 
 
-def _torch_leaf(col: str, path: tuple[str, ...], arr: np.ndarray) -> tuple[str, np.ndarray]:
-    """Inverse of ``_flax_leaf``."""
+_TORCH_STAT_NAMES = {"mean": "running_mean", "var": "running_var"}
+
+
+def _torch_name(col: str, path: tuple[str, ...], ndim: int) -> str:
+    """Torch key of the Flax leaf ``(col, *path)`` holding an ``ndim``-D array."""
     *mods, leaf = path
     prefix = ".".join(mods)
     if col == "params":
-        if leaf == "kernel":
-            return f"{prefix}.weight", np.ascontiguousarray(arr.transpose(3, 2, 0, 1))
-        if leaf == "scale" and arr.ndim == 0:
-            return f"{prefix}.scale", arr
-        if leaf == "scale":
-            return f"{prefix}.weight", arr
-        return f"{prefix}.{leaf}", arr
-    name = {"mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
-    if leaf == "num_batches_tracked":
+        if leaf == "kernel" or (leaf == "scale" and ndim > 0):
+            return f"{prefix}.weight"
+        return f"{prefix}.{leaf}"
+    return f"{prefix}.{_TORCH_STAT_NAMES.get(leaf, leaf)}"
+
+
+def _torch_leaf(col: str, path: tuple[str, ...], arr: np.ndarray) -> tuple[str, np.ndarray]:
+    """Inverse of ``_flax_leaf``."""
+    if col == "params" and path[-1] == "kernel":
+        arr = np.ascontiguousarray(arr.transpose(3, 2, 0, 1))
+    elif path[-1] == "num_batches_tracked":
         arr = arr.astype(np.int64)
-    return f"{prefix}.{name}", arr
+    return _torch_name(col, path, arr.ndim), arr
 
 
 def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -102,14 +113,27 @@ def _target_shapes(cfg: Any, input_hw: tuple[int, int] = (64, 64)) -> dict:
     return {(col, *p): s for col in shapes for p, s in _flatten(shapes[col]).items()}
 
 
-def match_report(state_dict: Mapping[str, np.ndarray], cfg: Any) -> dict[str, list[str]]:
-    """Compare a torch state dict with the model built from ``cfg``.
+@dataclass(frozen=True)
+class _Match:
+    """A state dict compared with the model's variables (all keys flattened).
 
-    Returns ``{"unexpected": [...], "missing": [...], "mismatched": [...]}`` with torch key
-    names (mismatched entries include both shapes).
+    ``fits``: ``{(collection, *path): converted array}`` for entries whose shape fits;
+    ``mismatched``: ``(torch key, checkpoint shape, model shape as torch)``; ``missing``: torch
+    names of model entries absent from the checkpoint; ``unexpected``: checkpoint keys that
+    name nothing in the model. ``target``: the model's ``{(collection, *path): shape}``.
     """
-    target = _target_shapes(cfg)
-    seen, unexpected, mismatched = set(), [], []
+
+    target: dict[tuple[str, ...], tuple[int, ...]]
+    fits: dict[tuple[str, ...], np.ndarray]
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    missing: list[str]
+    unexpected: list[str]
+
+
+def _match(state_dict: Mapping[str, np.ndarray], cfg: Any) -> _Match:
+    """Compare ``state_dict`` (torch names, no ``model.`` prefix) with the model of ``cfg``."""
+    target = {k: tuple(s.shape) for k, s in _target_shapes(cfg).items()}
+    fits, mismatched, unexpected, seen = {}, [], [], set()
     for key, value in state_dict.items():
         if key.endswith(PROJECT_BUFFER_SUFFIX):
             continue
@@ -119,55 +143,84 @@ def match_report(state_dict: Mapping[str, np.ndarray], cfg: Any) -> dict[str, li
         except KeyError:
             unexpected.append(key)
             continue
-        t = target.get((col, *path))
-        if t is None:
+        shape = target.get((col, *path))
+        if shape is None:
             unexpected.append(key)
-        elif tuple(t.shape) != conv.shape:
-            mismatched.append(f"{key}: checkpoint {arr.shape} (as Flax {conv.shape}) vs model "
-                              f"{tuple(t.shape)}")
-            seen.add((col, *path))
+            continue
+        seen.add((col, *path))
+        if shape == conv.shape:
+            fits[(col, *path)] = conv
         else:
-            seen.add((col, *path))
-    missing = [_torch_leaf(k[0], k[1:], np.zeros(target[k].shape))[0]
-               for k in target if k not in seen]
-    return {"unexpected": sorted(unexpected), "missing": sorted(missing),
-            "mismatched": sorted(mismatched)}
+            model_shape = _torch_leaf(col, path, np.empty(shape, np.uint8))[1].shape  # torch
+            mismatched.append((key, arr.shape, model_shape))
+    missing = [_torch_name(k[0], k[1:], len(s)) for k, s in target.items() if k not in seen]
+    return _Match(target, fits, sorted(mismatched), sorted(missing), sorted(unexpected))
+
+
+def match_report(state_dict: Mapping[str, np.ndarray], cfg: Any) -> dict[str, list[str]]:
+    """Compare a torch state dict with the model built from ``cfg``.
+
+    Returns ``{"unexpected": [...], "missing": [...], "mismatched": [...]}`` with torch key
+    names (mismatched entries read ``"<key>: checkpoint (..) vs model (..)"``, torch layout).
+    """
+    m = _match(state_dict, cfg)
+    return {"unexpected": m.unexpected, "missing": m.missing,
+            "mismatched": [f"{k}: checkpoint {a} vs model {b}" for k, a, b in m.mismatched]}
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], cfg: Any, *, strict: bool = True,
-                  base_variables: Mapping | None = None) -> dict:
+                  base_variables: Mapping | Callable[[], Mapping] | None = None) -> dict:
     """Map a reference state dict (torch name -> array, no ``model.`` prefix) to Flax
-    ``{'params', 'batch_stats'}`` of the full training model (AGM included when present).
+    ``{'params', 'batch_stats'}`` of the full training model of ``cfg`` (AGM included).
+
+    Conv weights ``(O, I/g, kh, kw)`` become kernels ``(kh, kw, I/g, O)``; every other
+    array keeps its shape.
 
     ``strict=True``: any unexpected, missing or mis-shaped key raises
-    ``CheckpointMismatchError`` naming every offending key. ``strict=False`` follows the
-    reference's fine-tuning load: mismatched/unexpected keys are skipped and missing ones
-    taken from ``base_variables`` (e.g. ``init_variables(...)``); every skipped name is
-    logged as a warning.
+    ``CheckpointMismatchError`` naming every offending key.
+
+    ``strict=False`` is the reference's fine-tuning load (spec §14.2): every checkpoint entry
+    whose shape fits is used as-is; mis-shaped and missing entries are taken from
+    ``base_variables`` (the same tree as ``init_variables`` of ``cfg``, e.g. a fresh init;
+    a zero-argument callable returning it is called only when needed); unexpected keys are
+    ignored. All of them are named in ONE ``CheckpointMismatchWarning``. The result has
+    exactly the tree and shapes of ``init_variables``. Raises ``CheckpointMismatchError`` if
+    something must be filled and ``base_variables`` is None or lacks / mis-shapes that entry.
     """
-    report = match_report(state_dict, cfg)
-    problems = [f"{kind}: {name}" for kind in ("unexpected", "missing", "mismatched")
-                for name in report[kind]]
+    m = _match(state_dict, cfg)
+    problems = ([f"unexpected (ignored): {k}" for k in m.unexpected]
+                + [f"missing: {k}" for k in m.missing]
+                + [f"mismatched: {k}: checkpoint {a} vs model {b}" for k, a, b in m.mismatched])
     if problems and strict:
         raise CheckpointMismatchError(
             f"{len(problems)} state-dict entries do not match the model:\n  "
-            + "\n  ".join(problems))
-    bad = {m.split(":")[0] for m in report["mismatched"]} | set(report["unexpected"])
-    flat: dict[tuple[str, ...], Any] = {}
-    if report["missing"]:
+            + "\n  ".join(problems)
+            + "\nPass strict=False (--non-strict) to fine-tune from this checkpoint.")
+    flat = dict(m.fits)
+    fill = [k for k in m.target if k not in flat]
+    if fill:
         if base_variables is None:
             raise CheckpointMismatchError(
-                "missing keys and no base_variables to fill them: " + ", ".join(report["missing"]))
-        flat.update({(col, *p): v for col in ("params", "batch_stats")
-                     for p, v in _flatten(base_variables[col]).items()})
-    for key, value in state_dict.items():
-        if key.endswith(PROJECT_BUFFER_SUFFIX) or key in bad:
-            continue
-        col, path, conv = _flax_leaf(key, np.asarray(value))
-        flat[(col, *path)] = conv
-    for p in problems:
-        log.warning("checkpoint entry skipped: %s", p)
-    tree = _unflatten(flat)
+                f"{len(m.missing) + len(m.mismatched)} model entries are missing from or "
+                "mis-shaped in the checkpoint, and strict=False needs base_variables to take "
+                "them from: pass base_variables=init_variables(build_model(cfg), rng) (or use "
+                "checkpoint.load_variables(..., strict=False), which does). Entries:\n  "
+                + "\n  ".join(p for p in problems if not p.startswith("unexpected")))
+        base = base_variables() if callable(base_variables) else base_variables
+        flat_base = {(col, *p): v for col in base for p, v in _flatten(base[col]).items()}
+        bad = [_torch_name(k[0], k[1:], len(m.target[k])) for k in fill
+               if k not in flat_base or tuple(np.shape(flat_base[k])) != m.target[k]]
+        if bad:
+            raise CheckpointMismatchError(
+                "base_variables do not match the model of the config (build them with "
+                "init_variables(build_model(cfg), rng)); absent or mis-shaped: "
+                + ", ".join(bad))
+        flat.update({k: flat_base[k] for k in fill})
+    if problems:
+        warnings.warn(f"checkpoint loaded non-strictly ({len(problems)} entries; mis-shaped "
+                      "and missing ones taken from base_variables):\n  "
+                      + "\n  ".join(problems), CheckpointMismatchWarning, stacklevel=2)
+    tree = _unflatten({k: flat[k] for k in m.target})
     return {"params": tree.get("params", {}), "batch_stats": tree.get("batch_stats", {})}
 
 
@@ -244,22 +297,31 @@ def torchvision_backbone_to_flax(state_dict: Mapping[str, np.ndarray], variables
     """Load a torchvision ImageNet ShuffleNetV2 state dict into ``variables['*']['backbone']``.
 
     Keys are the torchvision names (``conv1.0.weight``, ``stage2.0.branch1.0.weight``...);
-    ``conv5.*`` and ``fc.*`` are ignored (NanoDet-Plus has no conv5). Any other unmatched or
-    mis-shaped key raises ``CheckpointMismatchError`` naming it. Returns new variables.
+    ``conv5.*`` and ``fc.*`` are ignored (NanoDet-Plus has no conv5); absent
+    ``num_batches_tracked`` counters (older files) keep their value in ``variables``. Any other
+    unmatched, missing or mis-shaped key raises ``CheckpointMismatchError`` naming it.
+    Returns new variables (conv kernels HWIO).
     """
     bb = {f"backbone.{k}": v for k, v in state_dict.items()
           if not k.startswith(("conv5.", "fc."))}
-    report = match_report(bb, cfg)
-    missing_bb = [k for k in report["missing"] if k.startswith("backbone.")]
-    problems = report["unexpected"] + report["mismatched"] + missing_bb
+    m = _match(bb, cfg)
+    problems = (m.unexpected
+                + [f"{k}: checkpoint {a} vs model {b}" for k, a, b in m.mismatched]
+                + [f"missing: {k}" for k in m.missing
+                   if k.startswith("backbone.") and not k.endswith(".num_batches_tracked")])
     if problems:
         raise CheckpointMismatchError("torchvision backbone checkpoint does not match "
                                       f"model.arch.backbone ({cfg.model.arch.backbone.model_size})"
                                       ":\n  " + "\n  ".join(problems))
     flat = {(col, *p): v for col in ("params", "batch_stats")
             for p, v in _flatten(variables[col]).items()}
-    for key, value in bb.items():
-        col, path, conv = _flax_leaf(key, np.asarray(value))
-        flat[(col, *path)] = conv
+    flat.update(m.fits)
     tree = _unflatten(flat)
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+
+
+def load_torchvision_backbone(path: str | Path, variables: Mapping, cfg: Any) -> dict:
+    """``variables`` with the backbone replaced by a torchvision ShuffleNetV2 ``.pth`` file
+    (ImageNet weights, e.g. ``shufflenetv2_x1-5666bf0f80.pth``); see
+    ``torchvision_backbone_to_flax``."""
+    return torchvision_backbone_to_flax(load_torch_checkpoint(path), variables, cfg)

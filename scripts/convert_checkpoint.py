@@ -9,6 +9,11 @@
   python scripts/convert_checkpoint.py --config configs/nanodet_plus_m_416.py \
       --checkpoint workspace/m416_flax --out m416.pth
 
+  # fine-tuning start: an 80-class COCO checkpoint into a 5-class config (head.gfl_cls.* and
+  # aux_head.gfl_cls.* are freshly initialised; every replaced entry is named in one warning)
+  python scripts/convert_checkpoint.py --config my_5_classes.yml --non-strict \
+      --checkpoint nanodet-plus-m_416_checkpoint.ckpt --out workspace/finetune_init
+
   # fresh model + torchvision ImageNet ShuffleNetV2 backbone (pretraining) -> orbax
   python scripts/convert_checkpoint.py --config configs/coco.py \
       --torchvision-backbone shufflenetv2_x1-5666bf0f80.pth --out workspace/init
@@ -25,11 +30,7 @@ import jax
 
 from nanodet_jax.checkpoint import load_variables, save_variables
 from nanodet_jax.config import load_config
-from nanodet_jax.convert import (
-    flax_to_torch,
-    load_torch_checkpoint,
-    torchvision_backbone_to_flax,
-)
+from nanodet_jax.convert import flax_to_torch, load_torchvision_backbone
 from nanodet_jax.models import build_model, init_variables
 
 
@@ -43,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="orbax directory, or a .pth file")
     p.add_argument("--no-ema", action="store_true", help="take model.* instead of avg_model.*")
     p.add_argument("--non-strict", action="store_true",
-                   help="skip mismatched/unexpected keys (e.g. other num_classes) and keep the "
-                        "fresh initialisation for them; every skipped key is printed")
+                   help="fine-tuning load (e.g. other num_classes): mis-shaped and missing "
+                        "entries come from a fresh initialisation (--seed), unexpected ones are "
+                        "ignored; all are named in one warning")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--seed", type=int, default=0, help="init seed for --non-strict/backbone")
     args = p.parse_args(argv)
@@ -57,17 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     hw = tuple(cfg.data.val.input_size)[::-1]
     if args.torchvision_backbone:
         base = init_variables(build_model(cfg), jax.random.key(args.seed), hw)
-        variables = torchvision_backbone_to_flax(load_torch_checkpoint(args.torchvision_backbone),
-                                                 base, cfg)
-    elif args.non_strict:
-        from nanodet_jax.convert import torch_to_flax
-
-        base = init_variables(build_model(cfg), jax.random.key(args.seed), hw)
-        variables = torch_to_flax(load_torch_checkpoint(args.checkpoint,
-                                                        prefer_ema=not args.no_ema),
-                                  cfg, strict=False, base_variables=base)
+        variables = load_torchvision_backbone(args.torchvision_backbone, base, cfg)
     else:
-        variables = load_variables(args.checkpoint, cfg, prefer_ema=not args.no_ema)
+        variables = load_variables(args.checkpoint, cfg, prefer_ema=not args.no_ema,
+                                   strict=not args.non_strict, rng=jax.random.key(args.seed))
 
     if out.suffix in (".pth", ".pt"):
         import numpy as np

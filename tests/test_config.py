@@ -15,8 +15,12 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.py"))
 def test_python_configs_load(path):
     cfg = load_config(path)
     arch = cfg.model.arch
-    assert arch.head.num_classes == len(cfg.class_names) == 80
+    assert arch.head.num_classes == arch.aux_head.num_classes == len(cfg.class_names)
     assert arch.aux_head.input_channel == 2 * arch.fpn.out_channels
+    if path.stem == "synthetic":  # 5 shapes, short CPU schedule, trained from scratch
+        assert len(cfg.class_names) == 5 and arch.backbone.pretrain is False
+        return
+    assert len(cfg.class_names) == 80  # the COCO recipes
     assert cfg.schedule.optimizer.lr == 0.001 and cfg.model.arch.detach_epoch == 10
 
 
@@ -108,3 +112,31 @@ def test_bad_files(tmp_path):
     f.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="get_config"):
         load_config(f)
+
+
+def test_head_defaults_are_the_references(tmp_path):
+    """Omitted head/aux_head ``strides``/``reg_max`` default to the reference's values
+    (spec §5/§6: strides [8, 16, 32, 64], reg_max 7)."""
+    raw = nanodet_plus_recipe("1.0x", 320)
+    for sec in ("head", "aux_head"):
+        del raw["model"]["arch"][sec]["strides"], raw["model"]["arch"][sec]["reg_max"]
+    cfg = load_config(_write(tmp_path, raw))
+    for sec in ("head", "aux_head"):
+        assert list(cfg.model.arch[sec].strides) == [8, 16, 32, 64]
+        assert cfg.model.arch[sec].reg_max == 7
+    assert cfg.model.arch.backbone.pretrain is True  # reference default (spec §3)
+
+
+@pytest.mark.parametrize("value", [False, True, "weights/shufflenetv2_x1-5666bf0f80.pth"])
+def test_pretrain_accepts_bool_or_path(tmp_path, value):
+    raw = nanodet_plus_recipe("1.0x", 320)
+    raw["model"]["arch"]["backbone"]["pretrain"] = value
+    assert load_config(_write(tmp_path, raw)).model.arch.backbone.pretrain == value
+
+
+@pytest.mark.parametrize("value", [1, "", None, ["a.pth"]])
+def test_pretrain_rejects_other_values(tmp_path, value):
+    raw = nanodet_plus_recipe("1.0x", 320)
+    raw["model"]["arch"]["backbone"]["pretrain"] = value
+    with pytest.raises(ConfigError, match=r"c\.yml: model\.arch\.backbone\.pretrain must be"):
+        load_config(_write(tmp_path, raw))

@@ -17,6 +17,7 @@ from nanodet_jax.models import (
     ShuffleNetV2,
     SimpleConvHead,
     build_model,
+    init_train_variables,
     init_variables,
 )
 from nanodet_jax.models.layers import BatchNorm, upsample_bilinear_2x
@@ -91,6 +92,26 @@ def test_heads_shapes(conv_type):
     assert out == (2, p, 20 + 32)
     dual = [jnp.zeros((2, s, s + 1, 128)) for s in (8, 4, 2, 1)]
     assert _shapes(SimpleConvHead(20, 128, 64, 2, (8, 16, 32, 64), 7), dual) == (2, p, 52)
+
+
+def test_head_module_defaults_are_the_references():
+    """Flax module defaults equal the reference config values (spec §5/§6)."""
+    for head in (NanoDetPlusHead(80, 96), SimpleConvHead(80, 192)):
+        assert tuple(head.strides) == (8, 16, 32, 64) and head.reg_max == 7
+    feats = [jnp.zeros((1, s, s, 32)) for s in (8, 4, 2, 1)]
+    assert _shapes(NanoDetPlusHead(3, 32, 32), feats) == (1, 85, 3 + 32)
+
+
+def test_init_train_variables_pretrain_true_without_reference_weights():
+    """1.5x: the reference has no ImageNet weights (random init), so True warns and keeps
+    the random init instead of refusing."""
+    raw = nanodet_plus_recipe("1.5x", 320)
+    cfg = validate(raw)
+    assert cfg.model.arch.backbone.pretrain is True
+    with pytest.warns(UserWarning, match="no ImageNet weights"):
+        got = jax.eval_shape(lambda: init_train_variables(cfg, KEY, (64, 64)))
+    ref = jax.eval_shape(lambda: init_variables(build_model(cfg), KEY, (64, 64)))
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(ref)
 
 
 def test_heads_bad_args():

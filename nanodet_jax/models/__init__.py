@@ -1,20 +1,31 @@
-"""Model construction: ``build_model(cfg)`` and ``init_variables(model, rng, input_hw)``."""
+"""Model construction: ``build_model(cfg)``, ``init_variables(model, rng, input_hw)`` and the
+training start point ``init_train_variables(cfg, rng)`` (honours ``backbone.pretrain``)."""
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from nanodet_jax.config import ConfigError
+from nanodet_jax.config import ConfigError, check_pretrain
 from nanodet_jax.models.detector import NanoDetPlus
 from nanodet_jax.models.ghost_pan import GhostPAN
 from nanodet_jax.models.heads import NanoDetPlusHead, SimpleConvHead
 from nanodet_jax.models.shufflenetv2 import STAGE_OUT_CHANNELS, ShuffleNetV2
 
-__all__ = ["NanoDetPlus", "build_model", "init_variables", "GhostPAN", "NanoDetPlusHead",
-           "SimpleConvHead", "ShuffleNetV2"]
+__all__ = ["NanoDetPlus", "build_model", "init_variables", "init_train_variables", "GhostPAN",
+           "NanoDetPlusHead", "SimpleConvHead", "ShuffleNetV2"]
+
+PRETRAIN_FIELD = "model.arch.backbone.pretrain"
+# torchvision ImageNet files the reference downloads for ``pretrain: True`` (None: no weights
+# for that width, the reference keeps its random init)
+REFERENCE_IMAGENET_FILES = {"0.5x": "shufflenetv2_x0.5-f707e7126e.pth",
+                            "1.0x": "shufflenetv2_x1-5666bf0f80.pth", "1.5x": None, "2.0x": None}
 
 
 def _arch(cfg: Any) -> Any:
@@ -82,6 +93,14 @@ def build_model(cfg: Any, with_aux: bool = True) -> NanoDetPlus:
                        aux_head=aux_head)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: NanoDetPlus, input_hw: tuple[int, int]) -> Callable:
+    """``rng -> model.init(rng, zeros (1, H, W, 3), train=True)``, jitted (and so compiled)
+    once per equal model and input size."""
+    shape = (1, *input_hw, 3)
+    return jax.jit(lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=True))
+
+
 def init_variables(model: NanoDetPlus, rng: jax.Array,
                    input_hw: tuple[int, int] = (320, 320)) -> dict:
     """Initialise ``{'params', 'batch_stats'}`` with the reference schemes.
@@ -89,10 +108,57 @@ def init_variables(model: NanoDetPlus, rng: jax.Array,
     Runs a train-mode trace so the AGM exists, then copies ``fpn`` into ``aux_fpn``
     (the reference deep-copies the initialised neck, so both start identical).
     """
-    x = jnp.zeros((1, *input_hw, 3), jnp.float32)
-    variables = jax.jit(lambda r: model.init(r, x, train=True))(rng)
+    variables = _jitted_init(model, tuple(input_hw))(rng)
     variables = jax.tree_util.tree_map(lambda a: a, variables)  # plain dicts, fresh leaves
     if model.has_aux:
         for col in ("params", "batch_stats"):
             variables[col]["aux_fpn"] = jax.tree_util.tree_map(jnp.copy, variables[col]["fpn"])
     return variables
+
+
+def init_train_variables(cfg: Any, rng: jax.Array,
+                         input_hw: tuple[int, int] | None = None) -> dict:
+    """Starting weights for training: ``{'params', 'batch_stats'}`` of the full training
+    model of the (full) config ``cfg`` (AGM included; conv kernels HWIO), following
+    ``model.arch.backbone.pretrain``:
+
+    * ``False``: the reference's random initialisation (``init_variables``);
+    * a path: the same, then the backbone replaced by the torchvision ShuffleNetV2 ImageNet
+      state dict in that ``.pth`` file (``convert.load_torchvision_backbone``; BGR input is
+      kept, as in the reference); a missing file is a ``ConfigError``;
+    * ``True`` (the reference default): for 0.5x/1.0x the reference downloads ImageNet
+      weights, which is impossible here, so ``ConfigError`` saying what to set instead; for
+      1.5x/2.0x the reference has no ImageNet weights and keeps its random init, and so does
+      this (with a ``UserWarning`` saying so).
+
+    ``input_hw`` ``(H, W)``, multiples of 32: size of the init trace (None: ``init_variables``'
+    default); the variables do not depend on it.
+    """
+    bb = cfg.model.arch.backbone
+    pretrain = bb.get("pretrain", False)
+    check_pretrain(pretrain)
+    path = None if isinstance(pretrain, bool) else Path(pretrain).expanduser()
+    if pretrain is True and REFERENCE_IMAGENET_FILES.get(bb.model_size):
+        raise ConfigError(
+            f"{PRETRAIN_FIELD} is True: the reference downloads the torchvision ImageNet "
+            f"ShuffleNetV2 {bb.model_size} weights here, but nothing is downloaded in "
+            f"nanodet_jax. Set it to the path of that .pth file (e.g. "
+            f"{REFERENCE_IMAGENET_FILES[bb.model_size]}), or to False to train from scratch.")
+    if pretrain is True:
+        warnings.warn(f"{PRETRAIN_FIELD} is True but the reference has no ImageNet weights for "
+                      f"ShuffleNetV2 {bb.model_size} (model_urls entry None), so it trains "
+                      "from its random init; so does this. Set it to False to silence this, "
+                      "or to a torchvision .pth path to start from ImageNet weights.",
+                      stacklevel=2)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"{PRETRAIN_FIELD} = {pretrain!r}: file {path.resolve()} does not "
+                          "exist (give the path of a torchvision ShuffleNetV2 .pth file, or "
+                          "False to train from scratch)")
+    model = build_model(cfg)
+    variables = (init_variables(model, rng) if input_hw is None
+                 else init_variables(model, rng, input_hw))
+    if path is None:
+        return variables
+    from nanodet_jax.convert import load_torchvision_backbone  # convert imports this module
+
+    return load_torchvision_backbone(path, variables, cfg)

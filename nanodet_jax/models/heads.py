@@ -43,8 +43,8 @@ class NanoDetPlusHead(nn.Module):
     feat_channels: int = 96
     stacked_convs: int = 2
     kernel_size: int = 5
-    strides: Sequence[int] = (8, 16, 32)
-    reg_max: int = 16
+    strides: Sequence[int] = (8, 16, 32, 64)
+    reg_max: int = 7
     activation: str = "LeakyReLU"
     conv_type: str = "DWConv"
     norm: str = "BN"
@@ -113,8 +113,8 @@ class SimpleConvHead(nn.Module):
     input_channel: int
     feat_channels: int = 256
     stacked_convs: int = 4
-    strides: Sequence[int] = (8, 16, 32)
-    reg_max: int = 16
+    strides: Sequence[int] = (8, 16, 32, 64)
+    reg_max: int = 7
     activation: str = "LeakyReLU"
     gn_groups: int = 32
 
