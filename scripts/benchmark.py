@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Benchmarks with JSON output.
 
-    python scripts/benchmark.py --suite depthwise|loss|inference|all [--out results.json]
+    python scripts/benchmark.py --suite depthwise|loss|inference|data|all [--out results.json]
 
-Each suite lives in ``nanodet_jax/bench/<suite>.py``; timings are taken after compilation
-(compile time is reported separately) with ``block_until_ready``.
+Run from a repository checkout: each suite lives in the top-level ``benchmarks/<suite>.py``
+package (not installed with ``nanodet_jax``: it uses private helpers and the repository's
+``configs/``); timings are taken after compilation (compile time is reported separately)
+with ``block_until_ready``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,13 @@ import json
 import platform
 import sys
 import time
+from pathlib import Path
 
-from nanodet_jax.bench import SUITES
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python scripts/benchmark.py` puts scripts/ there instead
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import SUITES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "suites": {},
     }
     for name in SUITES if args.suite == "all" else (args.suite,):
-        mod = importlib.import_module(f"nanodet_jax.bench.{name}")
+        mod = importlib.import_module(f"benchmarks.{name}")
         print(f"[benchmark] running suite {name} ...", file=sys.stderr, flush=True)
         result["suites"][name] = mod.run(args)
     text = json.dumps(result, indent=2)

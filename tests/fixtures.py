@@ -86,3 +86,67 @@ def assert_close(name: str, got, ref, tol: float = 1e-4) -> float:
     assert np.all(err <= bound), (f"{name}: max |err| {err.max():.3e} exceeds {tol}*(1+|ref|) "
                                   f"at {worst} (got {got[worst]}, ref {ref[worst]})")
     return float(err.max()) if err.size else 0.0
+
+
+def fixture_files(pattern: str) -> list[Path]:
+    """Every file matching ``pattern`` (sorted); fail the test when there is none."""
+    p = fixture_params(pattern)
+    if isinstance(p[0].values[0], str):
+        pytest.fail(p[0].values[0] + " (set NANODET_FIXTURES_DIR to the reference fixtures)")
+    return [q.values[0] for q in p]
+
+
+def head_layout(config_yaml) -> tuple[int, int, tuple[int, ...]]:
+    """``(num_classes, reg_max, strides)`` of the head in a fixture's ``config_yaml``."""
+    import yaml
+
+    head = yaml.safe_load(str(config_yaml))["model"]["arch"]["head"]
+    return int(head["num_classes"]), int(head["reg_max"]), tuple(int(s) for s in head["strides"])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def paired_model_fixture(post: dict[str, np.ndarray]) -> Path:
+    """The ``model_*.npz`` whose ``eval/head_out`` is the input of a ``postprocess*.npz``.
+
+    The pairing is read from the data, not from file names: same batch size, image 0's warp
+    matrix equal to the model's ``input_img0_warp_matrix`` and, per image, the best score of
+    the reference ``get_bboxes`` rows equal to the largest class sigmoid of ``eval/head_out``
+    (the best candidate always survives NMS). Fails when no model fixture fits.
+    """
+    rows = post["get_bboxes_rows_img_cls_x1y1x2y2_score"]
+    n_img = post["warp_matrices"].shape[0]
+    best = [rows[rows[:, 0] == i, 6].max(initial=-np.inf) for i in range(n_img)]
+    tried = []
+    for p in fixture_files("model_*.npz"):
+        with np.load(p, allow_pickle=False) as z:
+            head_out = z["eval/head_out"]
+            num_classes = head_layout(z["config_yaml"])[0]
+            m0 = z["input_img0_warp_matrix"]
+        why = None
+        if head_out.shape[0] != n_img:
+            why = f"batch {head_out.shape[0]} != {n_img}"
+        elif not np.allclose(m0, post["warp_matrices"][0], rtol=1e-9, atol=1e-12):
+            why = "input_img0_warp_matrix differs from warp_matrices[0]"
+        else:
+            top = _sigmoid(head_out[..., :num_classes]).max(axis=(1, 2))
+            for i, b in enumerate(best):
+                ok = abs(top[i] - b) <= 1e-6 if np.isfinite(b) else top[i] <= 0.05 + 1e-6
+                if not ok:
+                    why = f"image {i}: best score {top[i]:.7f} != reference rows' {b:.7f}"
+                    break
+        if why is None:
+            return p
+        tried.append(f"{p.name}: {why}")
+    pytest.fail("no model_*.npz fits the post-processing fixture: " + "; ".join(tried))
+
+
+def raw_image(height: int, width: int) -> np.ndarray:
+    """``raw_image_bgr_uint8`` of the ``val_pipeline*.npz`` with this original size."""
+    for p in fixture_files("val_pipeline*.npz"):
+        with np.load(p, allow_pickle=False) as z:
+            if z["raw_image_bgr_uint8"].shape[:2] == (height, width):
+                return z["raw_image_bgr_uint8"]
+    pytest.fail(f"no val_pipeline*.npz with a {height}x{width} raw image")

@@ -20,7 +20,6 @@ from nanodet_jax.box_ops import center_priors, distance2bbox
 
 from .fixtures import fixture_params, keyed_params, load_npz
 
-NUM_CLASSES_FIXTURE = 80  # assigner.npz: tgt_labels background index (README)
 TARGET_KEYS = ("labels", "label_scores", "label_weights", "bbox_targets", "dist_targets",
                "num_pos")
 
@@ -37,6 +36,7 @@ def _case(path, case: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 
 def _num_classes(c: dict[str, np.ndarray]) -> int:
+    """Class count of a case = width of its logits; it is also the background label."""
     return c["pred_logits"].shape[-1]
 
 
@@ -63,7 +63,7 @@ def _check_against_fixture(c: dict[str, np.ndarray], assign, targets) -> None:
     ref_gt = c["out_assigned_gt_inds"] - 1  # fixture: 0 = negative, j + 1 = GT j
     np.testing.assert_array_equal(np.asarray(assign.assigned_gt), ref_gt)
     np.testing.assert_array_equal(np.asarray(assign.fg), ref_gt >= 0)
-    ref_labels = np.where(ref_gt >= 0, c["out_assigned_labels"], NUM_CLASSES_FIXTURE)
+    ref_labels = np.where(ref_gt >= 0, c["out_assigned_labels"], _num_classes(c))
     np.testing.assert_array_equal(np.asarray(targets.labels), ref_labels)
     for k in TARGET_KEYS:
         got, ref = np.asarray(getattr(targets, k)), c["tgt_" + k]
@@ -85,7 +85,6 @@ def test_assigner_matches_reference_padded(path, case):
     gb, gl, gm = _pad_gts(c["gt_bboxes"], c["gt_labels"], g_max, seed=g)
     a, t = _targets_jit(c["pred_logits"], c["decoded_bboxes"], priors, gb, gl, gm,
                         num_classes=_num_classes(c))
-    assert _num_classes(c) == NUM_CLASSES_FIXTURE
     _check_against_fixture(c, a, t)
     assert int(t.num_pos) == int(c["tgt_num_pos"])
     assert np.all(np.asarray(a.assigned_gt) < g)
@@ -114,6 +113,16 @@ def test_assigner_costs_match_reference_debug(path, case):
     assert np.all(np.isposinf(np.asarray(costs.cost)[g:]))
     np.testing.assert_array_equal(np.asarray(costs.dynamic_ks)[:g], c["dbg_dynamic_ks"])
     np.testing.assert_array_equal(np.asarray(costs.dynamic_ks)[g:], 0)
+
+
+@pytest.mark.parametrize("path", fixture_params("assigner*.npz"))
+def test_assigner_fixture_priors_match_input_hw(path):
+    """The file's ``priors`` are the head's priors for its ``input_hw`` (strides read from the
+    priors' stride column): the cases above run on exactly the reference's priors."""
+    data = _load(path) if not isinstance(path, str) else load_npz(path)
+    h, w = (int(v) for v in data["input_hw"])
+    strides = sorted({int(s) for s in data["priors"][:, 2]})
+    np.testing.assert_array_equal(center_priors(h, w, strides), data["priors"])
 
 
 @pytest.mark.parametrize("path", fixture_params("assigner*.npz"))

@@ -1,5 +1,7 @@
-"""``scripts/demo.py`` run as a subprocess on the fixtures' ``test_img.jpg`` with the model
-fixture's weights (reference ``.pth`` + its ``config_yaml`` as ``.yml`` in ``tmp_path``).
+"""``scripts/demo.py`` run as a subprocess on image 0 of the first post-processing fixture
+(``test_img.jpg``: the ``raw_image_bgr_uint8`` of the ``val_pipeline*.npz`` with its size,
+written as a PNG) with the weights of the model fixture paired with it (reference ``.pth`` +
+its ``config_yaml`` as ``.yml`` in ``tmp_path``).
 
 The image mode must write a valid annotated picture of the input's size and a JSON equal to
 the ``Detector`` API output at the same threshold; the video mode must turn a 3-frame video
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 
 from nanodet_jax.inference import Detector, ImageDetections
-from tests.fixtures import REPO_ROOT, fixture_params, fixtures_dir, load_npz
+from tests.fixtures import REPO_ROOT, fixture_files, load_npz, paired_model_fixture, raw_image
 from tests.test_inference import write_reference_checkpoint
 
 DEMO = REPO_ROOT / "scripts" / "demo.py"
@@ -43,19 +45,19 @@ def _run(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = fixtures_dir()
-    img_path = d / "test_img.jpg"
-    if not img_path.is_file():
-        pytest.fail(f"{img_path} does not exist (set NANODET_FIXTURES_DIR)")
-    model = d / "model_plus_m_320.npz"
-    if not model.is_file():
-        model = fixture_params("model_*.npz")[0].values[0]
-        if isinstance(model, str):
-            pytest.fail(model)
-    cfg, ckpt = write_reference_checkpoint(model, tmp_path_factory.mktemp("demo_ckpt"))
-    ref = load_npz(fixture_params("postprocess*.npz")[0].values[0])
-    scores = np.sort(ref["post_process_rows_img_cls_x1y1x2y2_score"][:, 6][
-        ref["post_process_rows_img_cls_x1y1x2y2_score"][:, 0] == 0])[::-1]
+    """Image file, config, checkpoint and score threshold, all from the first
+    ``postprocess*.npz`` and the model fixture paired with it."""
+    ref = load_npz(fixture_files("postprocess*.npz")[0])
+    model = paired_model_fixture(ref)
+    tmp = tmp_path_factory.mktemp("demo_ckpt")
+    cfg, ckpt = write_reference_checkpoint(model, tmp)
+    # image 0 of the post-processing fixture, written losslessly (no JPEG decoder involved)
+    img_path = tmp / "image0.png"
+    h, w = int(ref["img_info_height"][0]), int(ref["img_info_width"][0])
+    assert cv2.imwrite(str(img_path), raw_image(h, w))
+    rows = ref["post_process_rows_img_cls_x1y1x2y2_score"]
+    scores = np.sort(rows[rows[:, 0] == 0, 6])[::-1]
+    assert len(scores) >= 2, "image 0 of the post-processing fixture needs 2+ detections"
     i = len(scores) // 5
     thr = round(float(scores[i] + scores[i + 1]) / 2, 6)
     return img_path, cfg, ckpt, thr

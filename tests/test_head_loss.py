@@ -25,13 +25,20 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def _image_gts(data: dict[str, np.ndarray], group: str, i: int):
-    """GT of image ``i`` for ``group``: the group's own ``gt_*/img{i}`` if present, none for
-    an ``*empty_gt*`` group (the reference call had no GT at all), else the shared ones."""
-    for prefix in (f"{group}/", ""):
-        if f"{prefix}gt_bboxes/img{i}" in data:
-            if prefix == "" and "empty_gt" in group:
-                break
-            return data[f"{prefix}gt_bboxes/img{i}"], data[f"{prefix}gt_labels/img{i}"]
+    """GT of image ``i`` for ``group``: the group's own ``gt_*/img{i}`` if present; else the
+    shared top-level ``gt_*/img{i}`` when the group stores the targets it was assigned with
+    (``with_aux``, ``no_aux``); else no GT, which the fixture README defines only for the
+    ``*empty_gt*`` groups (a call without any GT). Any other group fails: which GTs it used
+    cannot be read from the file."""
+    if f"{group}/gt_bboxes/img{i}" in data:
+        return data[f"{group}/gt_bboxes/img{i}"], data[f"{group}/gt_labels/img{i}"]
+    if any(k.startswith(f"{group}/targets/") for k in data):
+        if f"gt_bboxes/img{i}" not in data:
+            pytest.fail(f"{group}: targets stored but no gt_bboxes/img{i} in the file")
+        return data[f"gt_bboxes/img{i}"], data[f"gt_labels/img{i}"]
+    if "empty_gt" not in group:
+        pytest.fail(f"head-loss group {group!r} has neither its own gt_*/img{i} nor targets: "
+                    "unknown case (the README defines GT-less groups as '*empty_gt*')")
     return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
 
 
@@ -65,9 +72,25 @@ def _rel(got, ref) -> float:
     return float(np.linalg.norm(got - ref) / den) if den > 0 else float(np.linalg.norm(got))
 
 
+def _config(data: dict[str, np.ndarray]) -> HeadLossConfig:
+    """Class count from the file, reg_max from the width of ``preds`` (C + 4 (reg_max + 1));
+    strides (not stored) are the config's [8, 16, 32, 64] and must give the file's prior
+    count for its ``input_hw``; loss weights / topk are the reference config's."""
+    num_classes = int(data["num_classes"])
+    ch = data["preds"].shape[-1] - num_classes
+    assert ch > 0 and ch % 4 == 0, f"preds width {data['preds'].shape[-1]} != C + 4 * bins"
+    cfg = HeadLossConfig(num_classes=num_classes, reg_max=ch // 4 - 1)
+    hw = tuple(int(v) for v in data["input_hw"])
+    n = center_priors(*hw, cfg.strides).shape[0]
+    assert n == data["preds"].shape[1], (
+        f"strides {cfg.strides} give {n} priors for input_hw {hw}, the file has "
+        f"{data['preds'].shape[1]}: unknown head strides")
+    return cfg
+
+
 def _setup(path, group):
     data = _load(path) if not isinstance(path, str) else load_npz(path)
-    cfg = HeadLossConfig(num_classes=int(data["num_classes"]))
+    cfg = _config(data)
     hw = tuple(int(v) for v in data["input_hw"])
     b = data[f"{group}/grad_preds"].shape[0]
     has_aux = f"{group}/aux_loss_qfl" in data

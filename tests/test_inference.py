@@ -18,7 +18,14 @@ import pytest
 
 from nanodet_jax.data.transforms import minimum_dst_shape
 from nanodet_jax.inference import Detector, ImageDetections
-from tests.fixtures import fixture_params, fixtures_dir, group, load_npz
+from tests.fixtures import (
+    fixture_files,
+    fixture_params,
+    group,
+    load_npz,
+    paired_model_fixture,
+    raw_image,
+)
 
 TOL = 1e-4  # |ours - ref| <= TOL * (1 + |ref|), as in test_postprocess
 
@@ -33,26 +40,6 @@ def write_reference_checkpoint(model_npz: Path, out_dir: Path) -> tuple[Path, Pa
     sd = {k: torch.from_numpy(np.array(v)) for k, v in group(data, "state_dict").items()}
     torch.save({"state_dict": sd}, ckpt_path)
     return cfg_path, ckpt_path
-
-
-def model_fixture_for(n_images: int) -> Path:
-    """The model fixture whose ``eval/head_out`` is the post-processing fixture's input."""
-    d = fixtures_dir()
-    preferred = d / "model_plus_m_320.npz"
-    for p in [preferred] if preferred.is_file() else sorted(d.glob("model_*.npz")):
-        with np.load(p, allow_pickle=False) as z:
-            if z["eval/head_out"].shape[0] == n_images:
-                return p
-    pytest.fail(f"no model_*.npz in {d} with a batch of {n_images} images")
-
-
-def raw_image(height: int, width: int) -> np.ndarray:
-    """``raw_image_bgr_uint8`` of the ``val_pipeline*.npz`` with this original size."""
-    for p in sorted(fixtures_dir().glob("val_pipeline*.npz")):
-        with np.load(p, allow_pickle=False) as z:
-            if z["raw_image_bgr_uint8"].shape[:2] == (height, width):
-                return z["raw_image_bgr_uint8"]
-    pytest.fail(f"no val_pipeline*.npz with a {height}x{width} raw image")
 
 
 def _rows(r: ImageDetections) -> np.ndarray:
@@ -74,8 +61,9 @@ def assert_same_detections(got: ImageDetections, ref: ImageDetections, tol: floa
 
 @pytest.fixture(scope="module")
 def fixture_model(tmp_path_factory):
-    """(config path, checkpoint path, model fixture data) of the 2-image model fixture."""
-    p = model_fixture_for(2)
+    """(config path, checkpoint path, model fixture data) of the model fixture paired with the
+    first post-processing fixture (its weights are known to detect objects in image 0)."""
+    p = paired_model_fixture(load_npz(fixture_files("postprocess*.npz")[0]))
     cfg_path, ckpt_path = write_reference_checkpoint(p, tmp_path_factory.mktemp("ckpt"))
     return cfg_path, ckpt_path, load_npz(p)
 
@@ -89,17 +77,18 @@ def detector(fixture_model):
 @pytest.mark.parametrize("path", fixture_params("postprocess*.npz"))
 def test_detector_matches_reference_post_process(path, tmp_path):
     d = load_npz(path)
-    p = model_fixture_for(d["warp_matrices"].shape[0])
+    p = paired_model_fixture(d)
     cfg_path, ckpt_path = write_reference_checkpoint(p, tmp_path)
     model = load_npz(p)
-    det = Detector.from_checkpoint(cfg_path, ckpt_path)  # thresholds: evaluation defaults
-    assert (det.score_thr, det.iou_thr, det.max_num) == (0.05, 0.6, 100)
+    in_h, in_w = (int(v) for v in model["input_hw"])  # may differ from the config's size
+    det = Detector.from_checkpoint(cfg_path, ckpt_path, input_size=(in_w, in_h))
+    assert (det.score_thr, det.iou_thr, det.max_num) == (0.05, 0.6, 100)  # evaluation defaults
     h, w = int(d["img_info_height"][0]), int(d["img_info_width"][0])
     img = raw_image(h, w)
 
     # the detector's input for image 0 is the fixture's network input image 0
     batch, inv, hw = det.preprocess([img])
-    assert batch.shape[1:3] == tuple(int(v) for v in model["input_hw"])
+    assert batch.shape[1:3] == (in_h, in_w)
     assert float(np.abs(batch[0] - model["input_images"][0].transpose(1, 2, 0)).max()) <= 1e-5
     np.testing.assert_allclose(np.linalg.inv(inv[0].astype(np.float64)),
                                model["input_img0_warp_matrix"], rtol=1e-6)
@@ -205,4 +194,4 @@ def test_display_threshold_equals_filtered_evaluation_output(fixture_model, dete
 
 def _test_image() -> np.ndarray:
     """``raw_image_bgr_uint8`` of the first ``val_pipeline*.npz`` (test_img.jpg)."""
-    return load_npz(fixture_params("val_pipeline*.npz")[0].values[0])["raw_image_bgr_uint8"]
+    return load_npz(fixture_files("val_pipeline*.npz")[0])["raw_image_bgr_uint8"]

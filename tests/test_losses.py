@@ -48,7 +48,9 @@ def parse_case(family: str, case: str) -> dict:
     if toks[:1] == ["avgfactor"]:
         key = (family, out["weight"])
         if key not in AVG_FACTORS:
-            pytest.fail(f"{family}_{case}: no documented avg_factor for weight={out['weight']}")
+            pytest.fail(f"{family}_{case}: unknown case: the file does not store avg_factor and "
+                        f"the fixture README documents none for {family} with "
+                        f"weight={out['weight']} (known: {sorted(AVG_FACTORS)})")
         out["avg_factor"] = AVG_FACTORS[key]
         toks = toks[1:]
     if toks[:1] and toks[0] in ("none", "mean", "sum"):

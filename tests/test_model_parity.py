@@ -55,7 +55,9 @@ def test_eval_forward_parity(path):
                           "batch_stats": variables["batch_stats"]}, images)
     inter = state["intermediates"]
     errs = {}
-    for i, f in enumerate(inter["backbone"]["__call__"][0]):
+    backbone = inter["backbone"]["__call__"][0]
+    assert len(backbone) == len([k for k in data if k.startswith("eval/backbone_out")])
+    for i, f in enumerate(backbone):
         errs[f"backbone_out{i}"] = assert_close(f"backbone_out{i}", _nchw(f),
                                                 data[f"eval/backbone_out{i}"])
     n_fpn = len([k for k in data if k.startswith("eval/fpn_out")])

@@ -9,16 +9,14 @@ bit-identical (stricter than the 1e-6 budget). Post-processing of the model fixt
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import yaml
 
 from nanodet_jax import postprocess as pp
-from tests.fixtures import fixture_params, fixtures_dir, group, load_npz
+from tests.fixtures import fixture_params, group, head_layout, load_npz, paired_model_fixture
 
 TOL = 1e-4
 
@@ -52,27 +50,14 @@ def test_multiclass_nms(path):
         assert np.all(det.labels[k:] == -1) and not np.any(det.boxes[k:]), case
 
 
-def _model_fixture(n_images: int) -> Path:
-    """The model fixture whose ``eval/head_out`` feeds ``postprocess.npz``."""
-    d = fixtures_dir()
-    preferred = d / "model_plus_m_320.npz"
-    paths = [preferred] if preferred.is_file() else sorted(d.glob("model_*.npz"))
-    for p in paths:
-        with np.load(p, allow_pickle=False) as z:
-            if z["eval/head_out"].shape[0] == n_images:
-                return p
-    pytest.fail(f"no model_*.npz in {d} with eval/head_out batch {n_images} "
-                f"(needed as the input of the post-processing fixture)")
-
-
 def _load_case(path):
     d = load_npz(path)
-    p = _model_fixture(d["warp_matrices"].shape[0])
+    p = paired_model_fixture(d)  # the model fixture whose eval/head_out this file consumed
     with np.load(p, allow_pickle=False) as z:
         head_out, input_hw = z["eval/head_out"], tuple(int(v) for v in z["input_hw"])
-        head = yaml.safe_load(str(z["config_yaml"]))["model"]["arch"]["head"]
-    assert head_out.shape[-1] == head["num_classes"] + 4 * (head["reg_max"] + 1)
-    kw = dict(input_hw=input_hw, strides=tuple(head["strides"]), reg_max=int(head["reg_max"]))
+        num_classes, reg_max, strides = head_layout(z["config_yaml"])
+    assert head_out.shape[-1] == num_classes + 4 * (reg_max + 1)
+    kw = dict(input_hw=input_hw, strides=strides, reg_max=reg_max)
     return d, jnp.asarray(head_out), kw
 
 
@@ -119,15 +104,14 @@ def test_post_process(path):
 @pytest.mark.parametrize("path", fixture_params("postprocess*.npz"))
 def test_jit_matches_eager_fixed_shapes(path):
     d, head_out, kw = _load_case(path)
-    assert head_out.shape[0] >= 2
-    preds = head_out[:2]
-    img_hw = np.stack([d["img_info_height"], d["img_info_width"]], axis=1)[:2]
-    args = dict(warp_matrices=d["warp_matrices"][:2], img_hw=img_hw, max_num=100)
-    eager = pp.postprocess(preds, **kw, **args)
+    n = head_out.shape[0]  # every image of the fixture batch
+    img_hw = np.stack([d["img_info_height"], d["img_info_width"]], axis=1)
+    args = dict(warp_matrices=d["warp_matrices"], img_hw=img_hw, max_num=100)
+    eager = pp.postprocess(head_out, **kw, **args)
     jitted = jax.jit(partial(pp.postprocess, **kw, max_num=100))(
-        preds, warp_matrices=args["warp_matrices"], img_hw=img_hw)
+        head_out, warp_matrices=args["warp_matrices"], img_hw=img_hw)
     for a, b in zip(eager, jitted, strict=True):
-        assert a.shape == b.shape and a.shape[:2] == (2, 100)
+        assert a.shape == b.shape and a.shape[:2] == (n, 100)
     # Discrete outputs identical; coordinates may differ by an ulp of the image scale (XLA
     # fuses differently; x1 = cx - d*s cancels, so the error is absolute, not relative).
     np.testing.assert_array_equal(eager.labels, jitted.labels)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanodet_jax.bench.timing import time_jitted
+from benchmarks.timing import time_jitted
 from nanodet_jax.models.depthwise import _taps_forward, depthwise_conv
 
 # (name, (H, W, C), kernel, stride) for NanoDet-Plus m (ShuffleNetV2 1.0x, GhostPAN 96) at 320.

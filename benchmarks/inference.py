@@ -24,13 +24,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks.timing import time_jitted
 from nanodet_jax import postprocess as pp
-from nanodet_jax.bench.timing import time_jitted
 from nanodet_jax.config import load_config
 from nanodet_jax.inference import inference_variables
 from nanodet_jax.models import build_model, init_variables
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # repository checkout
 
 # Reference PyTorch numbers on a 2-core CPU (ms, batch 1): forward / forward + post-process.
 REFERENCE_MS = {"320": {"forward": 26.9, "forward_post": 31.2},

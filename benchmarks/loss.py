@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import time_jitted
 from nanodet_jax.assigner import assign_and_build_targets_batch
-from nanodet_jax.bench.timing import time_jitted
 from nanodet_jax.box_ops import center_priors
 from nanodet_jax.head_loss import HeadLossConfig, head_loss, split_and_decode
 
