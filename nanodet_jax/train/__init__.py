@@ -1,0 +1,1 @@
+"""Training: learning-rate schedule, optimizer, weight averaging (EMA) and the training loop."""

@@ -1,0 +1,330 @@
+"""The training run: epochs of the jitted step, logging, evaluation, checkpoints, resume.
+
+``run_training(cfg, workdir, ...)`` is what ``scripts/train.py`` calls. Everything that can be
+wrong with the inputs (config fields, dataset problems, a workdir holding another run) fails
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from nanodet_jax.config import ConfigError
+from nanodet_jax.data.check import check_dataset, format_report
+from nanodet_jax.data.loader import build_loader
+from nanodet_jax.data.readers import build_dataset
+from nanodet_jax.data.synthetic import ensure_synthetic_for_path
+from nanodet_jax.models import build_model, init_train_variables
+from nanodet_jax.objective import make_objective
+from nanodet_jax.train.checkpoints import (
+    BEST_PTH,
+    ResumeError,
+    TrainCheckpoints,
+    config_differences,
+    dataset_fingerprint,
+)
+from nanodet_jax.train.metrics_log import MetricsLog, plot_curves
+from nanodet_jax.train.optim import make_optimizer
+from nanodet_jax.train.schedule import make_lr_schedule
+from nanodet_jax.train.state import TrainState, create_train_state
+from nanodet_jax.train.step import jit_train_step, make_train_step
+
+CONFIG_FILE = "config.json"
+MAX_BAD_STEPS = 5  # non-finite steps in a row that stop a run
+RESUME_IGNORED = ("schedule.resume", "save_dir")  # fields a resume may change
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (non-finite losses, unreadable data); the last good checkpoint
+    is kept."""
+
+
+@dataclass
+class RunOptions:
+    """Run-time choices that are not part of the recipe."""
+
+    resume: bool = False
+    force: bool = False
+    seed: int = 0
+    num_workers: int | None = None  # default: device.workers_per_gpu (capped by CPUs)
+    max_steps: int | None = None     # stop after this many steps (smoke tests)
+    checkpoint_steps: int | None = None  # also save every N steps (default: epoch ends)
+    check_images: int = 64           # images decoded by the start-up dataset check
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def validate_run_config(cfg: Any) -> None:
+    """Inconsistent fields fail here, naming the field, before anything is written."""
+    for split in ("train", "val"):
+        w, h = cfg.data[split].input_size
+        if w % 32 or h % 32:
+            raise ConfigError(f"data.{split}.input_size = [{w}, {h}]: width and height must "
+                              "be multiples of 32")
+    batch = int(cfg.device.batchsize_per_gpu)
+    n = jax.device_count()
+    if batch < 1 or batch % n:
+        raise ConfigError(f"device.batchsize_per_gpu = {batch} is not divisible by the "
+                          f"{n} devices in use (the batch is split across devices)")
+    for key in ("total_epochs", "val_intervals"):
+        if int(cfg.schedule[key]) < 1:
+            raise ConfigError(f"schedule.{key} must be >= 1, got {cfg.schedule[key]}")
+
+
+def _prepare_workdir(workdir: Path, cfg_dict: dict, opts: RunOptions) -> dict | None:
+    """The saved config of a run to resume (None for a new run); refuses to mix runs."""
+    saved_path = workdir / CONFIG_FILE
+    if not opts.resume:
+        if saved_path.exists() or (workdir / "checkpoints").exists():
+            raise ResumeError(f"{workdir} already holds a training run: pass --resume to "
+                              "continue it, or choose a new --workdir")
+        return None
+    if not saved_path.exists():
+        raise ResumeError(f"--resume: {workdir} holds no run ({CONFIG_FILE} missing)")
+    saved = json.loads(saved_path.read_text())
+    diffs = config_differences(saved["config"], cfg_dict, ignore=RESUME_IGNORED)
+    if diffs and not opts.force:
+        listed = "\n  ".join(diffs)
+        raise ResumeError(f"--resume: the config differs from the run in {workdir}:\n  "
+                          f"{listed}\npass --force to resume anyway, or use a new --workdir")
+    return saved
+
+
+def _start_variables(cfg: Any, rng: jax.Array) -> dict:
+    """Starting weights: ``schedule.load_model`` (non-strict, the reference's fine-tuning
+    load) or a fresh init honouring ``model.arch.backbone.pretrain``."""
+    path = cfg.schedule.get("load_model")
+    if path:
+        from nanodet_jax.checkpoint import load_variables
+
+        if not Path(path).exists():
+            raise ConfigError(f"schedule.load_model: {path} does not exist")
+        return load_variables(path, cfg, strict=False, rng=rng)
+    return init_train_variables(cfg, rng)
+
+
+class Trainer:
+    """Holds the pieces of one run; :meth:`fit` runs it."""
+
+    def __init__(self, cfg: Any, workdir: str | Path, opts: RunOptions | None = None):
+        self.cfg, self.opts = cfg, opts or RunOptions()
+        self.workdir = Path(workdir)
+        self.is_main = jax.process_index() == 0
+        validate_run_config(cfg)
+        self.cfg_dict = cfg.to_dict()
+        ensure_synthetic_for_path(cfg.data.train.ann_path)
+        self.train_set = build_dataset(cfg.data.train, list(cfg.class_names), "data.train")
+        self.val_set = build_dataset(cfg.data.val, list(cfg.class_names), "data.val")
+        self._check_data()
+        self.saved = _prepare_workdir(self.workdir, self.cfg_dict, self.opts)
+        if self.saved and self.saved.get("dataset") != dataset_fingerprint(
+                self.train_set.records) and not self.opts.force:
+            raise ResumeError(f"--resume: the training data changed since the run in "
+                              f"{self.workdir} started (pass --force to resume anyway)")
+        workers = self.opts.num_workers
+        if workers is None:
+            import os
+
+            workers = min(int(cfg.device.workers_per_gpu), os.cpu_count() or 1)
+        batch = int(cfg.device.batchsize_per_gpu)
+        seed = int(self.saved["seed"]) if self.saved else self.opts.seed
+        self.seed = seed
+        self.train_loader = build_loader(cfg.data.train, self.train_set.records,
+                                         batch_size=batch, seed=seed, train=True,
+                                         num_workers=workers)
+        self.val_loader = build_loader(cfg.data.val, self.val_set.records, batch_size=batch,
+                                       seed=seed, train=False, num_workers=workers,
+                                       field="data.val")
+        self.steps_per_epoch = len(self.train_loader)
+        self.model = build_model(cfg)
+        self.optimizer = make_optimizer(cfg, self.steps_per_epoch)
+        self.lr = make_lr_schedule(cfg.schedule, self.steps_per_epoch)
+        self.step_fn = jit_train_step(make_train_step(make_objective(self.model, cfg),
+                                                      self.optimizer, self.lr))
+
+    def _check_data(self) -> None:
+        for split in ("train", "val"):
+            report = check_dataset(self.cfg, split, max_images=self.opts.check_images)
+            if not report.ok:
+                raise TrainingStopped(f"the dataset check of data.{split} found errors; fix "
+                                      f"them first:\n{format_report(report)}")
+
+    # ------------------------------------------------------------------------------ state
+
+    def initial_state(self) -> tuple[TrainState, dict]:
+        key = jax.random.PRNGKey(self.seed)
+        init_key, state_key = jax.random.split(key)
+        state = create_train_state(_start_variables(self.cfg, init_key), self.optimizer,
+                                   state_key)
+        meta = {"epoch": 0, "loader": {"epoch": 0, "batch": 0}, "best": None,
+                "best_epoch": None}
+        return state, meta
+
+    # ------------------------------------------------------------------------------- run
+
+    def fit(self) -> dict:
+        """Train to ``schedule.total_epochs`` (or ``max_steps``); returns the last
+        evaluation's metrics (empty when none ran)."""
+        cfg = self.cfg
+        state, meta = self.initial_state()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ckpts = TrainCheckpoints(self.workdir, keep=int(cfg.log.get("keep_checkpoints", 3)))
+        if self.saved:
+            state, meta = ckpts.restore(state)
+            print(f"resumed {self.workdir} at epoch {meta['epoch']}, step "
+                  f"{int(state.step)}, batch {meta['loader']['batch']}", flush=True)
+        elif self.is_main:
+            (self.workdir / CONFIG_FILE).write_text(json.dumps(
+                {"config": self.cfg_dict, "seed": self.seed,
+                 "dataset": dataset_fingerprint(self.train_set.records)}, indent=1))
+        log = MetricsLog(self.workdir, enabled=self.is_main)
+        last_eval: dict = {}
+        try:
+            last_eval = self._epochs(state, meta, ckpts, log)
+        finally:
+            ckpts.close()
+            log.close()
+        return last_eval
+
+    def _epochs(self, state: TrainState, meta: dict, ckpts: TrainCheckpoints,
+                log: MetricsLog) -> dict:
+        cfg, opts = self.cfg, self.opts
+        total = int(cfg.schedule.total_epochs)
+        detach_epoch = int(cfg.model.arch.detach_epoch)
+        interval = max(1, int(cfg.log.interval))
+        val_every = int(cfg.schedule.val_intervals)
+        last_eval: dict = {}
+        start_batch = int(meta["loader"]["batch"])
+        for epoch in range(int(meta["loader"]["epoch"]), total):
+            detach = epoch >= detach_epoch
+            bar = _progress(self.steps_per_epoch, epoch, total, start_batch, opts.progress)
+            t0, seen = time.perf_counter(), 0
+            for k, batch in enumerate(self.train_loader.epoch(epoch, start_batch),
+                                      start=start_batch):
+                batch = {key: batch[key] for key in ("image", "gt_boxes", "gt_labels",
+                                                     "gt_mask")}
+                state, metrics = self.step_fn(state, batch, detach)
+                seen += len(batch["image"])
+                step = int(jax.device_get(state.step)) if (k + 1) % interval == 0 else None
+                if step is not None:
+                    row = _fetch(metrics)
+                    ips = seen / max(time.perf_counter() - t0, 1e-9)
+                    row.update(epoch=epoch, step=step, images_per_s=round(ips, 2),
+                               skipped=int(state.skipped))
+                    log.write(row, "train")
+                    bar.set_postfix_str(_postfix(row))
+                    if int(state.bad_streak) >= MAX_BAD_STEPS:
+                        raise TrainingStopped(
+                            f"{int(state.bad_streak)} steps in a row had a non-finite loss or "
+                            f"gradient (updates skipped); stopping. The last good checkpoint "
+                            f"is in {ckpts.latest.directory}: lower the learning rate "
+                            "(schedule.optimizer.lr) or check the data")
+                bar.update(1)
+                meta = {**meta, "epoch": epoch, "loader": {"epoch": epoch, "batch": k + 1}}
+                if opts.checkpoint_steps and int(jax.device_get(state.step)) % \
+                        opts.checkpoint_steps == 0:
+                    ckpts.save(state, meta)
+                if opts.max_steps and int(jax.device_get(state.step)) >= opts.max_steps:
+                    bar.close()
+                    ckpts.save(state, meta)
+                    return last_eval
+            bar.close()
+            start_batch = 0
+            meta = {**meta, "epoch": epoch + 1, "loader": {"epoch": epoch + 1, "batch": 0}}
+            best = False
+            if (epoch + 1) % val_every == 0 or epoch + 1 == total:
+                last_eval = self._evaluate(state, epoch, log)
+                key = cfg.evaluator.save_key
+                value = last_eval.get(key)
+                if value is not None and (meta["best"] is None or value > meta["best"]):
+                    meta = {**meta, "best": value, "best_epoch": epoch}
+                    best = True
+            ckpts.save(state, meta, best=best)
+            if best and self.is_main:
+                self._export_best(state)
+        return last_eval
+
+    def _evaluate(self, state: TrainState, epoch: int, log: MetricsLog) -> dict:
+        from nanodet_jax.train.evaluate import evaluate, format_per_class_table
+
+        ema = jax.device_get(state.ema)
+        result = evaluate(self.model, {"params": ema["params"],
+                                       "batch_stats": ema["batch_stats"]},
+                          self.val_loader, self.val_set, self.cfg)
+        metrics = dict(result.metrics)
+        step = int(jax.device_get(state.step))
+        log.write({"epoch": epoch, "step": step, **metrics}, "val")
+        if self.is_main:
+            table = format_per_class_table(result)
+            (self.workdir / "per_class_ap.txt").write_text(table + "\n")
+            plot_curves(log.rows(), self.workdir / "curves.png")
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                              if isinstance(v, float))
+            print(f"\n[eval epoch {epoch + 1}] {shown}\n{table}", flush=True)
+        return metrics
+
+    def _export_best(self, state: TrainState) -> None:
+        """The best EMA weights as a reference ``.pth`` (``{'state_dict': ...}``, reference
+        names), when torch is installed."""
+        try:
+            import torch
+        except ImportError:
+            print(f"note: torch is not installed, {BEST_PTH} not written (the orbax "
+                  "checkpoint in best/ holds the same weights)", file=sys.stderr)
+            return
+        from nanodet_jax.convert import flax_to_torch
+
+        ema = jax.device_get(state.ema)
+        sd = flax_to_torch({"params": ema["params"], "batch_stats": ema["batch_stats"]},
+                           reg_max=int(self.cfg.model.arch.head.reg_max))
+        tmp = self.workdir / (BEST_PTH + ".tmp")
+        torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v))
+                                   for k, v in sd.items()}}, tmp)
+        tmp.replace(self.workdir / BEST_PTH)
+
+
+def _fetch(metrics: dict) -> dict:
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        v = np.asarray(v)
+        out[k] = bool(v) if v.dtype == bool else float(v)
+    return out
+
+
+def _postfix(row: dict) -> str:
+    parts = [f"loss {row['loss']:.3f}"]
+    parts += [f"{k.replace('loss_', '')} {row[k]:.3f}" for k in ("loss_qfl", "loss_bbox",
+                                                                   "loss_dfl") if k in row]
+    parts.append(f"lr {row['lr']:.2e}")
+    parts.append(f"{row['images_per_s']:.1f} img/s")
+    if row.get("skipped"):
+        parts.append(f"skipped {row['skipped']}")
+    return " | ".join(parts)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix_str(self, s: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(steps: int, epoch: int, total: int, start: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{total}",
+                dynamic_ncols=True, leave=True, file=sys.stdout)
+
+
+def run_training(cfg: Any, workdir: str | Path, opts: RunOptions | None = None) -> dict:
+    """Build and run a :class:`Trainer`; returns the last evaluation's metrics."""
+    return Trainer(cfg, workdir, opts).fit()

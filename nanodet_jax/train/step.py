@@ -1,0 +1,77 @@
+"""The one jit-compiled training step.
+
+``train_step(state, batch, detach) -> (state, metrics)``: train-mode forward with the AGM,
+assignment, both head losses (``nanodet_jax.objective``), gradients, the optimizer (grad
+clip + the reference's optimizer with the learning rate computed from ``state.step``), the
+EMA update. A non-finite loss or gradient leaves params, optimizer state, BN statistics and
+EMA untouched (the update is skipped inside the step, no host sync) and is counted.
+
+``detach`` is static (the reference's ``epoch >= detach_epoch``): a run compiles exactly two
+variants. The state argument is donated. Metrics stay on the device; fetch them only when
+logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nanodet_jax.objective import loss_and_grads
+from nanodet_jax.train.ema import ema_update
+from nanodet_jax.train.state import TrainState
+
+Array = jax.Array
+Metrics = dict[str, Array]
+StepFn = Callable[[TrainState, dict, bool], tuple[TrainState, Metrics]]
+
+
+def _all_finite(tree: Any) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(objective: Callable, optimizer: optax.GradientTransformation,
+                    lr_schedule: Callable[[Array], Array]) -> StepFn:
+    """Build the (un-jitted) step; :func:`jit_train_step` compiles it.
+
+    ``objective`` is ``make_objective(model, cfg)``; ``lr_schedule(step)`` gives the learning
+    rate the update at ``step`` uses (for logging; the optimizer computes the same value).
+    The batch holds ``image (B, H, W, 3)``, ``gt_boxes (B, G, 4)``, ``gt_labels (B, G)``,
+    ``gt_mask (B, G)``; other keys are ignored.
+    """
+
+    def step(state: TrainState, batch: dict, detach: bool) -> tuple[TrainState, Metrics]:
+        inputs = {k: batch[k] for k in ("image", "gt_boxes", "gt_labels", "gt_mask")}
+        (loss, (terms, new_bn)), grads = loss_and_grads(objective, state.variables, inputs,
+                                                        detach)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_step = state.step + 1
+        new_ema = ema_update(state.ema, {"params": new_params, "batch_stats": new_bn},
+                             new_step)
+
+        def pick(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        rng, _ = jax.random.split(state.rng)
+        state = state.replace(
+            step=jnp.where(finite, new_step, state.step),
+            params=pick(new_params, state.params), batch_stats=pick(new_bn, state.batch_stats),
+            opt_state=pick(new_opt, state.opt_state), ema=pick(new_ema, state.ema), rng=rng,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm,
+                   "lr": lr_schedule(new_step - 1), "finite": finite}
+        return state, metrics
+
+    return step
+
+
+def jit_train_step(step: StepFn) -> StepFn:
+    """``jax.jit`` with ``detach`` static and the state donated."""
+    return jax.jit(step, static_argnums=(2,), donate_argnums=(0,))
