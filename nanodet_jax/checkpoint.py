@@ -37,7 +37,9 @@ def save_variables(path: str | Path, variables: dict, overwrite: bool = False) -
 def load_variables(path: str | Path, cfg: Any, prefer_ema: bool = True, strict: bool = True,
                    rng: jax.Array | None = None) -> dict:
     """Variables ``{'params', 'batch_stats'}`` from an orbax directory written by
-    ``save_variables`` or a reference ``.ckpt``/``.pth`` file (EMA weights preferred, as the
+    ``save_variables``, a training workdir (its EMA weights: the ``best/`` checkpoint when
+    there is one, else the latest; or ``best/``, ``checkpoints/``, ``checkpoints/<step>``
+    themselves) or a reference ``.ckpt``/``.pth`` file (EMA weights preferred, as the
     reference does; conv kernels HWIO).
 
     ``strict=False`` is the reference's fine-tuning load (spec §14.2; see
@@ -53,8 +55,12 @@ def load_variables(path: str | Path, cfg: Any, prefer_ema: bool = True, strict: 
     if p.is_file() and p.suffix in TORCH_SUFFIXES:
         state_dict = load_torch_checkpoint(p, prefer_ema=prefer_ema)
     elif p.is_dir():
-        with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.restore(p.resolve())
+        from nanodet_jax.train.checkpoints import load_ema_variables
+
+        tree = load_ema_variables(p)  # a training workdir / best / checkpoints / <step>
+        if tree is None:
+            with ocp.StandardCheckpointer() as ckptr:
+                tree = ckptr.restore(p.resolve())
         if not isinstance(tree, dict) or "params" not in tree:
             raise ValueError(f"{p}: not a nanodet_jax variables checkpoint (no 'params')")
         tree.setdefault("batch_stats", {})

@@ -116,7 +116,7 @@ def _schema() -> dict:
                      "val_intervals": 10},
         "grad_clip": 35,
         "evaluator": {"name": "CocoDetectionEvaluator", "save_key": "mAP"},
-        "log": {"interval": 50},
+        "log": {"interval": 50, "keep_checkpoints": 3},  # keep_checkpoints: ours (orbax)
         "test": {OPEN: True},
     }
 
@@ -284,3 +284,17 @@ def nanodet_plus_recipe(model_size: str = "1.0x", input_size: int = 416,
         "evaluator": {"name": "CocoDetectionEvaluator", "save_key": "mAP"},
         "log": {"interval": 50},
     }
+
+
+def nanodet_plus_tiny(input_size: int, class_names: list[str] | tuple[str, ...]) -> dict:
+    """A narrow NanoDet-Plus for smoke tests and quick CPU experiments (not a reference
+    recipe): ShuffleNetV2 0.5x, GhostPAN/head width 32, aux head width 64, trained from
+    scratch; everything else as :func:`nanodet_plus_recipe`. Returns the plain dict tree."""
+    raw = nanodet_plus_recipe("1.0x", input_size, name=f"nanodet-plus-tiny_{input_size}")
+    raw["class_names"] = list(class_names)
+    arch = raw["model"]["arch"]
+    arch["backbone"].update(model_size="0.5x", pretrain=False)
+    arch["fpn"].update(in_channels=[48, 96, 192], out_channels=32)
+    arch["head"].update(num_classes=len(class_names), input_channel=32, feat_channels=32)
+    arch["aux_head"].update(num_classes=len(class_names), input_channel=64, feat_channels=64)
+    return raw

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmarks with JSON output.
 
-    python scripts/benchmark.py --suite depthwise|loss|inference|data|all [--out results.json]
+    python scripts/benchmark.py --suite depthwise|loss|inference|data|train|all [--out results.json]
 
 Run from a repository checkout: each suite lives in the top-level ``benchmarks/<suite>.py``
 package (not installed with ``nanodet_jax``: it uses private helpers and the repository's

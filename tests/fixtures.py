@@ -150,3 +150,30 @@ def raw_image(height: int, width: int) -> np.ndarray:
             if z["raw_image_bgr_uint8"].shape[:2] == (height, width):
                 return z["raw_image_bgr_uint8"]
     pytest.fail(f"no val_pipeline*.npz with a {height}x{width} raw image")
+
+
+def nms_cases(path) -> list[tuple[str, dict, float, float, int, np.ndarray]]:
+    """``(case, group, score_thr, iou_thr, max_num, scores)`` for every case of an
+    ``nms*.npz`` file (``scores`` ``(n, C)`` without the dummy background column)."""
+    d = load_npz(path)
+    cases = sorted({k[: -len("/multi_bboxes")] for k in d if k.endswith("/multi_bboxes")})
+    assert cases, f"no <case>/multi_bboxes keys in {path}"
+    out = []
+    for case in cases:
+        g = group(d, case)
+        score_thr, iou_thr, max_num = (float(v) for v in g["params_scorethr_iouthr_maxnum"])
+        out.append((case, g, score_thr, iou_thr, int(max_num),
+                    g["multi_scores_with_bg_column"][:, :-1]))
+    return out
+
+
+def assert_nms_equal(det, g: dict, case: str) -> None:
+    """Padded NMS output ``det`` (``boxes``, ``scores``, ``labels``, ``valid``) equals the
+    reference rows of case ``g`` exactly, with inert padding after them."""
+    ref_dets, ref_labels = g["out_dets_x1y1x2y2_score"], g["out_labels"]
+    k = len(ref_labels)
+    np.testing.assert_array_equal(det.valid, np.arange(len(det.valid)) < k, err_msg=case)
+    np.testing.assert_array_equal(det.labels[:k], ref_labels, err_msg=case)
+    np.testing.assert_array_equal(det.boxes[:k], ref_dets[:, :4], err_msg=case)
+    np.testing.assert_array_equal(det.scores[:k], ref_dets[:, 4], err_msg=case)
+    assert np.all(det.labels[k:] == -1) and not np.any(det.boxes[k:]), case

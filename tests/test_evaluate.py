@@ -47,11 +47,13 @@ from nanodet_jax.train.evaluate import (
 )
 from tests.fixtures import (
     REPO_ROOT,
+    assert_nms_equal,
     fixture_files,
     fixture_params,
     group,
     head_layout,
     load_npz,
+    nms_cases,
     paired_model_fixture,
     raw_image,
 )
@@ -212,25 +214,12 @@ class HeadOutModel:
 
 @pytest.mark.parametrize("path", fixture_params("nms*.npz"))
 def test_exact_nms_matches_reference_cases(path):
-    d = load_npz(path)
-    cases = sorted({k[: -len("/multi_bboxes")] for k in d if k.endswith("/multi_bboxes")})
-    assert cases, f"no <case>/multi_bboxes keys in {path}"
-    for case in cases:
-        g = group(d, case)
-        score_thr, iou_thr, max_num = (float(v) for v in g["params_scorethr_iouthr_maxnum"])
-        scores = g["multi_scores_with_bg_column"][:, :-1]
-        m = int(max_num) if max_num > 0 else scores.size  # "no limit": at most n*C kept
+    for case, g, score_thr, iou_thr, max_num, scores in nms_cases(path):
+        m = max_num if max_num > 0 else scores.size  # "no limit": at most n*C kept
         det = jax.device_get(jax.jit(
             lambda b, s, st=score_thr, it=iou_thr, mm=m: exact_multiclass_nms(b, s, st, it, mm))(
             g["multi_bboxes"], scores))
-        k = len(g["out_labels"])
-        np.testing.assert_array_equal(det.valid, np.arange(m) < k, err_msg=case)
-        np.testing.assert_array_equal(det.labels[:k], g["out_labels"], err_msg=case)
-        np.testing.assert_array_equal(det.boxes[:k], g["out_dets_x1y1x2y2_score"][:, :4],
-                                      err_msg=case)
-        np.testing.assert_array_equal(det.scores[:k], g["out_dets_x1y1x2y2_score"][:, 4],
-                                      err_msg=case)
-        assert np.all(det.labels[k:] == -1) and not det.boxes[k:].any(), case
+        assert_nms_equal(det, g, case)
 
 
 def _crowded_candidates(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

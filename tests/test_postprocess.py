@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 from nanodet_jax import postprocess as pp
-from tests.fixtures import fixture_params, group, head_layout, load_npz, paired_model_fixture
+from tests.fixtures import (
+    assert_nms_equal,
+    fixture_params,
+    head_layout,
+    load_npz,
+    nms_cases,
+    paired_model_fixture,
+)
 
 TOL = 1e-4
 
@@ -29,25 +36,13 @@ def _max_err(ours, ref) -> float:
 
 @pytest.mark.parametrize("path", fixture_params("nms*.npz"))
 def test_multiclass_nms(path):
-    d = load_npz(path)
-    cases = sorted({k[: -len("/multi_bboxes")] for k in d if k.endswith("/multi_bboxes")})
-    assert cases, f"no <case>/multi_bboxes keys in {path}"
-    for case in cases:
-        g = group(d, case)
-        score_thr, iou_thr, max_num = (float(v) for v in g["params_scorethr_iouthr_maxnum"])
-        scores = g["multi_scores_with_bg_column"][:, :-1]  # drop the dummy background column
+    for case, g, score_thr, iou_thr, max_num, scores in nms_cases(path):
         n, c = scores.shape
         nms = jax.jit(partial(pp.multiclass_nms, score_thr=score_thr, iou_thr=iou_thr,
-                              max_num=int(max_num), pre_nms_top_k=n * c))
+                              max_num=max_num, pre_nms_top_k=n * c))
         det = jax.device_get(nms(jnp.asarray(g["multi_bboxes"]), jnp.asarray(scores)))
-        ref_dets, ref_labels = g["out_dets_x1y1x2y2_score"], g["out_labels"]
-        k = len(ref_labels)
-        assert det.boxes.shape[0] == (int(max_num) if max_num > 0 else n * c), case
-        np.testing.assert_array_equal(det.valid, np.arange(len(det.valid)) < k, err_msg=case)
-        np.testing.assert_array_equal(det.labels[:k], ref_labels, err_msg=case)
-        np.testing.assert_array_equal(det.boxes[:k], ref_dets[:, :4], err_msg=case)
-        np.testing.assert_array_equal(det.scores[:k], ref_dets[:, 4], err_msg=case)
-        assert np.all(det.labels[k:] == -1) and not np.any(det.boxes[k:]), case
+        assert det.boxes.shape[0] == (max_num if max_num > 0 else n * c), case
+        assert_nms_equal(det, g, case)
 
 
 def _load_case(path):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -74,7 +75,9 @@ class TrainCheckpoints:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, jax.device_get(template))
         out = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return out["state"], dict(out["meta"])
+        # device arrays like a fresh state's (host numpy leaves would be a different jit
+        # signature: one extra compilation of the step after every resume)
+        return jax.tree.map(jnp.asarray, out["state"]), dict(out["meta"])
 
     def close(self) -> None:
         self.latest.close()

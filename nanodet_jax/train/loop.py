@@ -176,7 +176,7 @@ class Trainer:
         cfg = self.cfg
         state, meta = self.initial_state()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ckpts = TrainCheckpoints(self.workdir, keep=int(cfg.log.get("keep_checkpoints", 3)))
+        ckpts = TrainCheckpoints(self.workdir, keep=int(cfg.log.keep_checkpoints))
         if self.saved:
             state, meta = ckpts.restore(state)
             print(f"resumed {self.workdir} at epoch {meta['epoch']}, step "
@@ -206,7 +206,7 @@ class Trainer:
         for epoch in range(int(meta["loader"]["epoch"]), total):
             detach = epoch >= detach_epoch
             bar = _progress(self.steps_per_epoch, epoch, total, start_batch, opts.progress)
-            t0, seen = time.perf_counter(), 0
+            t0, seen = time.perf_counter(), 0  # images/s over the latest log window
             for k, batch in enumerate(self.train_loader.epoch(epoch, start_batch),
                                       start=start_batch):
                 batch = {key: batch[key] for key in ("image", "gt_boxes", "gt_labels",
@@ -216,7 +216,9 @@ class Trainer:
                 step = int(jax.device_get(state.step)) if (k + 1) % interval == 0 else None
                 if step is not None:
                     row = _fetch(metrics)
-                    ips = seen / max(time.perf_counter() - t0, 1e-9)
+                    now = time.perf_counter()
+                    ips = seen / max(now - t0, 1e-9)
+                    t0, seen = now, 0
                     row.update(epoch=epoch, step=step, images_per_s=round(ips, 2),
                                skipped=int(state.skipped))
                     log.write(row, "train")
@@ -229,13 +231,14 @@ class Trainer:
                             "(schedule.optimizer.lr) or check the data")
                 bar.update(1)
                 meta = {**meta, "epoch": epoch, "loader": {"epoch": epoch, "batch": k + 1}}
-                if opts.checkpoint_steps and int(jax.device_get(state.step)) % \
-                        opts.checkpoint_steps == 0:
-                    ckpts.save(state, meta)
-                if opts.max_steps and int(jax.device_get(state.step)) >= opts.max_steps:
-                    bar.close()
-                    ckpts.save(state, meta)
-                    return last_eval
+                if opts.checkpoint_steps or opts.max_steps:  # opt-in host sync per step
+                    done = int(jax.device_get(state.step))
+                    if opts.checkpoint_steps and done % opts.checkpoint_steps == 0:
+                        ckpts.save(state, meta)
+                    if opts.max_steps and done >= opts.max_steps:
+                        bar.close()
+                        ckpts.save(state, meta)
+                        return self._finish(state, log, last_eval)
             bar.close()
             start_batch = 0
             meta = {**meta, "epoch": epoch + 1, "loader": {"epoch": epoch + 1, "batch": 0}}
@@ -250,6 +253,18 @@ class Trainer:
             ckpts.save(state, meta, best=best)
             if best and self.is_main:
                 self._export_best(state)
+        return self._finish(state, log, last_eval)
+
+    def _finish(self, state: TrainState, log: MetricsLog, last_eval: dict) -> dict:
+        """A closing ``summary`` row: steps, skipped updates and how many variants of the
+        step were compiled (2 when the run crossed ``detach_epoch``; more means an
+        unexpected recompilation)."""
+        try:
+            compiled = int(self.step_fn._cache_size())
+        except AttributeError:  # not a jitted function (tests) or an older JAX
+            compiled = None
+        log.write({"step": int(jax.device_get(state.step)), "skipped": int(state.skipped),
+                   "compiled_step_variants": compiled}, "summary")
         return last_eval
 
     def _evaluate(self, state: TrainState, epoch: int, log: MetricsLog) -> dict:
@@ -286,7 +301,7 @@ class Trainer:
         sd = flax_to_torch({"params": ema["params"], "batch_stats": ema["batch_stats"]},
                            reg_max=int(self.cfg.model.arch.head.reg_max))
         tmp = self.workdir / (BEST_PTH + ".tmp")
-        torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v))
+        torch.save({"state_dict": {k: torch.from_numpy(np.array(v))
                                    for k, v in sd.items()}}, tmp)
         tmp.replace(self.workdir / BEST_PTH)
 

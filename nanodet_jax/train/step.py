@@ -47,26 +47,24 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
         inputs = {k: batch[k] for k in ("image", "gt_boxes", "gt_labels", "gt_mask")}
         (loss, (terms, new_bn)), grads = loss_and_grads(objective, state.variables, inputs,
                                                         detach)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        new_step = state.step + 1
-        new_ema = ema_update(state.ema, {"params": new_params, "batch_stats": new_bn},
-                             new_step)
 
-        def pick(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        def apply(s: TrainState) -> TrainState:
+            updates, opt_state = optimizer.update(grads, s.opt_state, s.params)
+            params = optax.apply_updates(s.params, updates)
+            step = s.step + 1
+            ema = ema_update(s.ema, {"params": params, "batch_stats": new_bn}, step)
+            return s.replace(step=step, params=params, batch_stats=new_bn,
+                             opt_state=opt_state, ema=ema, bad_streak=jnp.zeros_like(s.step))
 
+        def skip(s: TrainState) -> TrainState:
+            return s.replace(skipped=s.skipped + 1, bad_streak=s.bad_streak + 1)
+
+        lr = lr_schedule(state.step)
         rng, _ = jax.random.split(state.rng)
-        state = state.replace(
-            step=jnp.where(finite, new_step, state.step),
-            params=pick(new_params, state.params), batch_stats=pick(new_bn, state.batch_stats),
-            opt_state=pick(new_opt, state.opt_state), ema=pick(new_ema, state.ema), rng=rng,
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-            bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
-        metrics = {"loss": loss, **terms, "grad_norm": grad_norm,
-                   "lr": lr_schedule(new_step - 1), "finite": finite}
+        state = jax.lax.cond(finite, apply, skip, state.replace(rng=rng))
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": lr, "finite": finite}
         return state, metrics
 
     return step

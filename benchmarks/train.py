@@ -1,0 +1,95 @@
+"""Benchmark: the jitted training step (forward with the AGM, assignment, both losses,
+gradients, clip, AdamW, EMA) on random data, and the data loader next to it.
+
+For m_320 and m_416 (``configs/``) at batch 8 and 16, before and after detach: compile time,
+median step time, images/s and the process's peak resident memory. Batches are random
+images with 20 random GT boxes each (padded to 32). ``--quick``: ShuffleNetV2 0.5x with a
+narrow neck/heads at 128x128, batch 8, before detach only. ``--reference PATH`` is not
+implemented here: the reference's step is measured with its own code (see the README).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from nanodet_jax.config import load_config, nanodet_plus_tiny, validate
+from nanodet_jax.models import build_model, init_train_variables
+from nanodet_jax.objective import make_objective
+from nanodet_jax.train.optim import make_optimizer
+from nanodet_jax.train.schedule import make_lr_schedule
+from nanodet_jax.train.state import create_train_state
+from nanodet_jax.train.step import jit_train_step, make_train_step
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_config(size: int = 128, num_classes: int = 5):
+    """:func:`~nanodet_jax.config.nanodet_plus_tiny` at ``size`` with ``num_classes``."""
+    return validate(nanodet_plus_tiny(size, [f"c{i}" for i in range(num_classes)]),
+                    "<tiny benchmark config>")
+
+
+def random_batch(batch: int, hw: tuple[int, int], num_classes: int, seed: int = 0,
+                 boxes: int = 20, pad: int = 32) -> dict:
+    rng = np.random.default_rng(seed)
+    h, w = hw
+    xy = rng.uniform(0, [w - 40, h - 40], (batch, pad, 2))
+    wh = rng.uniform(8, 120, (batch, pad, 2))
+    gt = np.concatenate([xy, np.minimum(xy + wh, [w, h])], -1).astype(np.float32)
+    return {"image": rng.normal(size=(batch, h, w, 3)).astype(np.float32), "gt_boxes": gt,
+            "gt_labels": rng.integers(0, num_classes, (batch, pad)).astype(np.int32),
+            "gt_mask": np.arange(pad)[None].repeat(batch, 0) < boxes}
+
+
+def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
+    """Compile + time the train step of ``cfg`` at ``batch_size`` (state donated)."""
+    model = build_model(cfg)
+    optimizer = make_optimizer(cfg, 100)
+    step = jit_train_step(make_train_step(make_objective(model, cfg), optimizer,
+                                          make_lr_schedule(cfg.schedule, 100)))
+    state = create_train_state(init_train_variables(cfg, jax.random.PRNGKey(0)), optimizer,
+                               jax.random.PRNGKey(1))
+    w, h = cfg.data.train.input_size
+    batch = jax.device_put(random_batch(batch_size, (h, w), int(cfg.model.arch.head.num_classes)))
+    t0 = time.perf_counter()
+    state, m = step(state, batch, detach)
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = step(state, batch, detach)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"compile_s": round(compile_s, 2), "step_s_median": round(med, 4),
+            "step_s_min": round(min(times), 4), "images_per_s": round(batch_size / med, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "loss_finite": bool(np.isfinite(float(m["loss"])))}
+
+
+def run(args) -> dict:
+    quick = getattr(args, "quick", False)
+    repeats = max(2, min(getattr(args, "repeats", 20), 3 if quick else 5))
+    out: dict = {"cpu_count": os.cpu_count(), "backend": jax.default_backend(),
+                 "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
+                 "repeats": repeats, "optimizer": "AdamW + clip 35 + EMA", "cases": {}}
+    if quick:
+        out["cases"]["tiny_128_b8_before_detach"] = time_step(tiny_config(), 8, False, repeats)
+        return out
+    for size in (320, 416):
+        cfg = load_config(CONFIG_DIR / f"nanodet_plus_m_{size}.py")
+        cfg.model.arch.backbone.pretrain = False
+        for b in (8, 16):
+            for detach in (False, True):
+                name = f"m_{size}_b{b}_{'after' if detach else 'before'}_detach"
+                out["cases"][name] = time_step(cfg, b, detach, repeats)
+    return out
+
