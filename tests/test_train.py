@@ -225,6 +225,23 @@ def test_bad_config_fails_before_writing(data_root, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("key", ["AP_5", "loss"])
+def test_unknown_save_key_fails_before_writing(data_root, tmp_path, key):
+    raw = tiny_run_config(data_root)
+    raw["evaluator"]["save_key"] = key
+    with pytest.raises(ConfigError, match=f"evaluator.save_key = '{key}' is not a metric"):
+        Trainer(validate(raw), tmp_path / "w", RunOptions(progress=False))
+    assert not (tmp_path / "w").exists()
+
+
+def test_reference_save_key_names_are_accepted(data_root):
+    from nanodet_jax.train.loop import save_key
+
+    raw = tiny_run_config(data_root)
+    raw["evaluator"]["save_key"] = "AP_50"
+    assert save_key(validate(raw)) == "AP50"
+
+
 def test_cli_override_of_unknown_field_names_it(cli, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train.py"), "--config",
                            str(cli["cfg_file"]), "--workdir", str(tmp_path / "w"),

@@ -40,6 +40,8 @@ from nanodet_jax.train.step import jit_train_step, make_train_step
 CONFIG_FILE = "config.json"
 MAX_BAD_STEPS = 5  # non-finite steps in a row that stop a run
 RESUME_IGNORED = ("schedule.resume", "save_dir")  # fields a resume may change
+METRICS = ("mAP", "AP50", "AP75", "AP_small", "AP_m", "AP_l")
+SAVE_KEY_ALIASES = {"AP_50": "AP50", "AP_75": "AP75"}  # the reference evaluator's names
 
 
 class TrainingStopped(RuntimeError):
@@ -62,6 +64,12 @@ class RunOptions:
     extra: dict = field(default_factory=dict)
 
 
+def save_key(cfg: Any) -> str:
+    """The metric that selects the best checkpoint (reference names accepted)."""
+    key = str(cfg.evaluator.save_key)
+    return SAVE_KEY_ALIASES.get(key, key)
+
+
 def validate_run_config(cfg: Any) -> None:
     """Inconsistent fields fail here, naming the field, before anything is written."""
     for split in ("train", "val"):
@@ -74,6 +82,10 @@ def validate_run_config(cfg: Any) -> None:
     if batch < 1 or batch % n:
         raise ConfigError(f"device.batchsize_per_gpu = {batch} is not divisible by the "
                           f"{n} devices in use (the batch is split across devices)")
+    key = save_key(cfg)
+    if key not in METRICS:
+        raise ConfigError(f"evaluator.save_key = {cfg.evaluator.save_key!r} is not a metric; "
+                          f"use one of {list(METRICS)} (or the reference's AP_50 / AP_75)")
     for key in ("total_epochs", "val_intervals"):
         if int(cfg.schedule[key]) < 1:
             raise ConfigError(f"schedule.{key} must be >= 1, got {cfg.schedule[key]}")
@@ -245,8 +257,7 @@ class Trainer:
             best = False
             if (epoch + 1) % val_every == 0 or epoch + 1 == total:
                 last_eval = self._evaluate(state, epoch, log)
-                key = cfg.evaluator.save_key
-                value = last_eval.get(key)
+                value = last_eval.get(save_key(cfg))
                 if value is not None and (meta["best"] is None or value > meta["best"]):
                     meta = {**meta, "best": value, "best_epoch": epoch}
                     best = True
