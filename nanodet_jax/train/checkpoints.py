@@ -15,9 +15,7 @@ while saving leaves the previous checkpoint intact (an unfinished one is ignored
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -102,12 +100,6 @@ def load_ema_variables(path: str | Path) -> dict | None:
         tree = ckptr.restore(step_dir / "state")
     ema = tree["ema"]
     return {"params": ema["params"], "batch_stats": ema["batch_stats"]}
-
-
-def fingerprint(obj: Any) -> str:
-    """A short stable hash of a JSON-serialisable object."""
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def dataset_fingerprint(records: list[ImageRecord]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class RunOptions:
     checkpoint_steps: int | None = None  # also save every N steps (default: epoch ends)
     check_images: int = 64           # images decoded by the start-up dataset check
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def save_key(cfg: Any) -> str:
