@@ -7,9 +7,12 @@ before anything is written.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +48,50 @@ SAVE_KEY_ALIASES = {"AP_50": "AP50", "AP_75": "AP75"}  # the reference evaluator
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped itself (non-finite losses, unreadable data); the last good checkpoint
-    is kept."""
+    """The run stopped itself (non-finite losses, unreadable data, a failed write); the last
+    good checkpoint is kept."""
+
+
+def check_writable(workdir: Path) -> None:
+    """Create ``workdir`` and write a probe file there, or fail with a ConfigError naming it
+    (before any compilation or training time is spent)."""
+    probe = workdir / ".nanodet_write_test"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror or e}): choose "
+                          "another --workdir or fix its permissions") from e
+
+
+def _write_failure(e: BaseException) -> str:
+    text = str(e)
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os_error_code='28'" in text \
+            or "No space left" in text:
+        return "the disk is full"
+    if getattr(e, "errno", None) == errno.EFBIG or "os_error_code='27'" in text:
+        return "a file size limit was hit"
+    return getattr(e, "strerror", None) or type(e).__name__
+
+
+@contextlib.contextmanager
+def guarded_write(what: str, workdir: Path, ckpts: TrainCheckpoints | None,
+                  errors: tuple[type[BaseException], ...] = (OSError,)) -> Iterator[None]:
+    """Turn a failure while writing ``what`` (disk full, quota, permissions changed under the
+    run) into :class:`TrainingStopped` naming the last good checkpoint to resume from. A
+    checkpoint whose write failed never becomes the latest: orbax renames it into place
+    only when complete (tensorstore reports failed writes as ``ValueError``, hence
+    ``errors``)."""
+    try:
+        yield
+    except errors as e:
+        last = ckpts.latest_step() if ckpts is not None else None
+        kept = (f"The last good checkpoint is {ckpts.latest.directory / str(last)}; free "
+                f"space and continue with --resume." if last is not None else
+                "No checkpoint was written yet.")
+        raise TrainingStopped(f"writing {what} in {workdir} failed ({_write_failure(e)}): "
+                              f"{e}\nStopping. {kept}") from e
 
 
 @dataclass
@@ -127,7 +172,9 @@ class Trainer:
 
     def __init__(self, cfg: Any, workdir: str | Path, opts: RunOptions | None = None):
         self.cfg, self.opts = cfg, opts or RunOptions()
+        self.started = time.perf_counter()  # rows carry wall_s: seconds since this point
         self.workdir = Path(workdir)
+        self._ckpts: TrainCheckpoints | None = None
         self.is_main = jax.process_index() == 0
         validate_run_config(cfg)
         self.cfg_dict = cfg.to_dict()
@@ -136,6 +183,8 @@ class Trainer:
         self.val_set = build_dataset(cfg.data.val, list(cfg.class_names), "data.val")
         self._check_data()
         self.saved = _prepare_workdir(self.workdir, self.cfg_dict, self.opts)
+        if self.is_main:
+            check_writable(self.workdir)
         if self.saved and self.saved.get("dataset") != dataset_fingerprint(
                 self.train_set.records) and not self.opts.force:
             raise ResumeError(f"--resume: the training data changed since the run in "
@@ -186,17 +235,20 @@ class Trainer:
         evaluation's metrics (empty when none ran)."""
         cfg = self.cfg
         state, meta = self.initial_state()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        ckpts = TrainCheckpoints(self.workdir, keep=int(cfg.log.keep_checkpoints))
+        with self._writing("the checkpoint directories"):
+            ckpts = TrainCheckpoints(self.workdir, keep=int(cfg.log.keep_checkpoints))
         if self.saved:
             state, meta = ckpts.restore(state)
             print(f"resumed {self.workdir} at epoch {meta['epoch']}, step "
                   f"{int(state.step)}, batch {meta['loader']['batch']}", flush=True)
         elif self.is_main:
-            (self.workdir / CONFIG_FILE).write_text(json.dumps(
-                {"config": self.cfg_dict, "seed": self.seed,
-                 "dataset": dataset_fingerprint(self.train_set.records)}, indent=1))
-        log = MetricsLog(self.workdir, enabled=self.is_main)
+            with guarded_write(CONFIG_FILE, self.workdir, None):
+                (self.workdir / CONFIG_FILE).write_text(json.dumps(
+                    {"config": self.cfg_dict, "seed": self.seed,
+                     "dataset": dataset_fingerprint(self.train_set.records)}, indent=1))
+        with self._writing("metrics.jsonl"):
+            log = MetricsLog(self.workdir, enabled=self.is_main)
+        self._ckpts = ckpts
         last_eval: dict = {}
         try:
             last_eval = self._epochs(state, meta, ckpts, log)
@@ -231,8 +283,9 @@ class Trainer:
                     ips = seen / max(now - t0, 1e-9)
                     t0, seen = now, 0
                     row.update(epoch=epoch, step=step, images_per_s=round(ips, 2),
-                               skipped=int(state.skipped))
-                    log.write(row, "train")
+                               skipped=int(state.skipped), wall_s=self._wall())
+                    with self._writing("metrics.jsonl"):
+                        log.write(row, "train")
                     bar.set_postfix_str(_postfix(row))
                     if int(state.bad_streak) >= MAX_BAD_STEPS:
                         raise TrainingStopped(
@@ -245,10 +298,12 @@ class Trainer:
                 if opts.checkpoint_steps or opts.max_steps:  # opt-in host sync per step
                     done = int(jax.device_get(state.step))
                     if opts.checkpoint_steps and done % opts.checkpoint_steps == 0:
-                        ckpts.save(state, meta)
+                        with self._writing("a checkpoint"):
+                            ckpts.save(state, meta)
                     if opts.max_steps and done >= opts.max_steps:
                         bar.close()
-                        ckpts.save(state, meta)
+                        with self._writing("a checkpoint"):
+                            ckpts.save(state, meta)
                         return self._finish(state, log, last_eval)
             bar.close()
             start_batch = 0
@@ -260,10 +315,19 @@ class Trainer:
                 if value is not None and (meta["best"] is None or value > meta["best"]):
                     meta = {**meta, "best": value, "best_epoch": epoch}
                     best = True
-            ckpts.save(state, meta, best=best)
+            with self._writing("a checkpoint"):
+                ckpts.save(state, meta, best=best)
             if best and self.is_main:
-                self._export_best(state)
+                with self._writing(BEST_PTH):
+                    self._export_best(state)
         return self._finish(state, log, last_eval)
+
+    def _wall(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+    def _writing(self, what: str):
+        errors = (OSError, ValueError) if "checkpoint" in what else (OSError,)
+        return guarded_write(what, self.workdir, self._ckpts, errors)
 
     def _finish(self, state: TrainState, log: MetricsLog, last_eval: dict) -> dict:
         """A closing ``summary`` row: steps, skipped updates and how many variants of the
@@ -273,8 +337,10 @@ class Trainer:
             compiled = int(self.step_fn._cache_size())
         except AttributeError:  # not a jitted function (tests) or an older JAX
             compiled = None
-        log.write({"step": int(jax.device_get(state.step)), "skipped": int(state.skipped),
-                   "compiled_step_variants": compiled}, "summary")
+        with self._writing("metrics.jsonl"):
+            log.write({"step": int(jax.device_get(state.step)),
+                       "skipped": int(state.skipped), "compiled_step_variants": compiled},
+                      "summary")
         return last_eval
 
     def _evaluate(self, state: TrainState, epoch: int, log: MetricsLog) -> dict:
@@ -286,11 +352,14 @@ class Trainer:
                           self.val_loader, self.val_set, self.cfg)
         metrics = dict(result.metrics)
         step = int(jax.device_get(state.step))
-        log.write({"epoch": epoch, "step": step, **metrics}, "val")
+        with self._writing("the evaluation results"):
+            log.write({"epoch": epoch, "step": step, **metrics, "wall_s": self._wall()},
+                      "val")
+            if self.is_main:
+                table = format_per_class_table(result)
+                (self.workdir / "per_class_ap.txt").write_text(table + "\n")
+                plot_curves(log.rows(), self.workdir / "curves.png")
         if self.is_main:
-            table = format_per_class_table(result)
-            (self.workdir / "per_class_ap.txt").write_text(table + "\n")
-            plot_curves(log.rows(), self.workdir / "curves.png")
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                               if isinstance(v, float))
             print(f"\n[eval epoch {epoch + 1}] {shown}\n{table}", flush=True)
