@@ -1,11 +1,17 @@
 """Benchmark: the jitted training step (forward with the AGM, assignment, both losses,
-gradients, clip, AdamW, EMA) on random data, and the data loader next to it.
+gradients, clip, AdamW, EMA) on random data.
 
 For m_320 and m_416 (``configs/``) at batch 8 and 16, before and after detach: compile time,
 median step time, images/s and the process's peak resident memory. Batches are random
 images with 20 random GT boxes each (padded to 32). ``--quick``: ShuffleNetV2 0.5x with a
-narrow neck/heads at 128x128, batch 8, before detach only. ``--reference PATH`` is not
-implemented here: the reference's step is measured with its own code (see the README).
+narrow neck/heads at 128x128, batch 8, before detach only.
+
+``--reference PATH`` (a RangiLyu/nanodet checkout, with torch installed; not with
+``--quick``): each case also times the reference's own training step on the same images and
+GT boxes (:mod:`benchmarks.reference_train`, one subprocess per case) and adds ``reference``
+(first-step time, median step time, images/s, peak RSS of that subprocess) and
+``ratio_ours_over_reference`` (our median step time over the reference's). PATH and torch
+are checked before any timing starts.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks.reference_train import check_reference, time_reference_case
 from nanodet_jax.config import load_config, nanodet_plus_tiny, validate
 from nanodet_jax.models import build_model, init_train_variables
 from nanodet_jax.objective import make_objective
@@ -38,6 +45,8 @@ def tiny_config(size: int = 128, num_classes: int = 5):
 
 def random_batch(batch: int, hw: tuple[int, int], num_classes: int, seed: int = 0,
                  boxes: int = 20, pad: int = 32) -> dict:
+    """Random numpy batch: ``image`` (B, H, W, 3) float32 N(0, 1), ``gt_boxes`` (B, pad, 4)
+    xyxy float32, ``gt_labels`` (B, pad) int32, ``gt_mask`` (B, pad) bool (first ``boxes``)."""
     rng = np.random.default_rng(seed)
     h, w = hw
     xy = rng.uniform(0, [w - 40, h - 40], (batch, pad, 2))
@@ -48,6 +57,12 @@ def random_batch(batch: int, hw: tuple[int, int], num_classes: int, seed: int = 
             "gt_mask": np.arange(pad)[None].repeat(batch, 0) < boxes}
 
 
+def case_batch(cfg, batch_size: int) -> dict:
+    """The numpy batch a case of ``cfg`` is timed on (the same for ours and the reference)."""
+    w, h = cfg.data.train.input_size
+    return random_batch(batch_size, (h, w), int(cfg.model.arch.head.num_classes))
+
+
 def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
     """Compile + time the train step of ``cfg`` at ``batch_size`` (state donated)."""
     model = build_model(cfg)
@@ -56,8 +71,7 @@ def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
                                           make_lr_schedule(cfg.schedule, 100)))
     state = create_train_state(init_train_variables(cfg, jax.random.PRNGKey(0)), optimizer,
                                jax.random.PRNGKey(1))
-    w, h = cfg.data.train.input_size
-    batch = jax.device_put(random_batch(batch_size, (h, w), int(cfg.model.arch.head.num_classes)))
+    batch = jax.device_put(case_batch(cfg, batch_size))
     t0 = time.perf_counter()
     state, m = step(state, batch, detach)
     jax.block_until_ready(m["loss"])
@@ -76,7 +90,12 @@ def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
 
 
 def run(args) -> dict:
+    """The train suite: ``args.quick``, ``args.repeats``, ``args.reference`` (PATH or None)."""
     quick = getattr(args, "quick", False)
+    reference = getattr(args, "reference", None)
+    if reference and quick:
+        raise ValueError("--reference times the m_320/m_416 cases: it does not go with --quick")
+    ref_info = check_reference(reference) if reference else None  # fail before any timing
     repeats = max(2, min(getattr(args, "repeats", 20), 3 if quick else 5))
     out: dict = {"cpu_count": os.cpu_count(), "backend": jax.default_backend(),
                  "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
@@ -84,12 +103,21 @@ def run(args) -> dict:
     if quick:
         out["cases"]["tiny_128_b8_before_detach"] = time_step(tiny_config(), 8, False, repeats)
         return out
+    if ref_info:
+        out["reference"] = {**ref_info, "step": "forward_train (head + AGM aux head, assigner, "
+                            "losses) + backward + clip_grad_norm_ + optimizer step + EMA"}
     for size in (320, 416):
         cfg = load_config(CONFIG_DIR / f"nanodet_plus_m_{size}.py")
         cfg.model.arch.backbone.pretrain = False
         for b in (8, 16):
             for detach in (False, True):
                 name = f"m_{size}_b{b}_{'after' if detach else 'before'}_detach"
-                out["cases"][name] = time_step(cfg, b, detach, repeats)
+                case = out["cases"][name] = time_step(cfg, b, detach, repeats)
+                if reference:
+                    ref = time_reference_case(reference, size,
+                                              int(cfg.model.arch.head.num_classes),
+                                              case_batch(cfg, b), detach, repeats)
+                    case["reference"] = ref
+                    case["ratio_ours_over_reference"] = round(
+                        case["step_s_median"] / ref["step_s_median"], 3)
     return out
-

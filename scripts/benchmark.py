@@ -2,11 +2,14 @@
 """Benchmarks with JSON output.
 
     python scripts/benchmark.py --suite depthwise|loss|inference|data|train|all [--out results.json]
+    python scripts/benchmark.py --suite train --reference PATH   # + the PyTorch reference's step
 
 Run from a repository checkout: each suite lives in the top-level ``benchmarks/<suite>.py``
 package (not installed with ``nanodet_jax``: it uses private helpers and the repository's
 ``configs/``); timings are taken after compilation (compile time is reported separately)
-with ``block_until_ready``.
+with ``block_until_ready``. ``--reference PATH`` (train suite only) is a RangiLyu/nanodet
+checkout: each train case also times the reference's step on the same inputs, with torch, and
+reports the ratio (see ``benchmarks/train.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # `python scripts/benchmark.py` puts scripts
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import SUITES  # noqa: E402
+from benchmarks.reference_train import ReferenceUnavailable  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--repeats", type=int, default=20, help="timed repetitions per case")
     p.add_argument("--quick", action="store_true", help="smaller cases (smoke test)")
+    p.add_argument("--reference", metavar="PATH",
+                   help="train suite: also time the PyTorch reference's step from this "
+                        "RangiLyu/nanodet checkout (needs torch)")
     args = p.parse_args(argv)
+    if args.reference and args.suite != "train":
+        p.error("--reference goes with --suite train only")
+    if args.reference and args.quick:
+        p.error("--reference times the m_320/m_416 cases: it does not go with --quick")
 
     import jax
 
@@ -45,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in SUITES if args.suite == "all" else (args.suite,):
         mod = importlib.import_module(f"benchmarks.{name}")
         print(f"[benchmark] running suite {name} ...", file=sys.stderr, flush=True)
-        result["suites"][name] = mod.run(args)
+        try:
+            result["suites"][name] = mod.run(args)
+        except ReferenceUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

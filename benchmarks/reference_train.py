@@ -1,0 +1,266 @@
+"""The reference's (PyTorch NanoDet-Plus) training step, timed on the train suite's batches.
+
+Used by ``benchmarks/train.py`` for ``--reference PATH``, where PATH is a checkout of
+RangiLyu/nanodet (the directory that holds the ``nanodet/`` package) and torch is installed.
+The model is built by the reference's own code from its own YAML
+(``PATH/config/nanodet-plus-m_<size>.yml``: ``nanodet.util.cfg`` + ``load_config``, then
+``nanodet.model.arch.build_model``), with ``num_classes`` set to the case's and the ImageNet
+backbone download turned off. One step is what the reference's Lightning task does per batch:
+``model.forward_train(gt_meta)`` (main head and AGM aux head, assigner, both losses),
+``loss.backward()``, ``clip_grad_norm_(params, grad_clip)``, the optimizer step (its
+``nanodet.optim.build_optimizer`` where the checkout has it, else ``torch.optim.<name>``),
+``zero_grad`` and the EMA update (``build_weight_averager(...).update``). Before/after detach
+is ``model.set_epoch(0)`` / ``model.set_epoch(model.detach_epoch)``.
+
+Each case runs in a fresh subprocess (this file run as a script) with
+``torch.set_num_threads(os.cpu_count())``: its peak RSS is its own, torch's thread pool does
+not share a process with XLA's, and the JAX figures are the same with or without
+``--reference``. :func:`check_reference` imports the reference the same way and fails, naming
+PATH and what is missing, before any timing starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+YAML_TEMPLATE = "config/nanodet-plus-m_{size}.yml"
+SIZES = (320, 416)
+
+
+class ReferenceUnavailable(RuntimeError):
+    """``--reference PATH`` cannot be used: PATH, the reference package or torch is missing
+    or unusable, or the reference's step failed (the message names PATH and the cause)."""
+
+
+def reference_yaml(path: str | os.PathLike, size: int) -> Path:
+    """The reference's own config for the m_``size`` case, inside the checkout ``path``."""
+    return Path(path) / YAML_TEMPLATE.format(size=size)
+
+
+def to_reference_inputs(batch: Mapping[str, np.ndarray]
+                        ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Our padded batch as the reference's ``gt_meta`` parts.
+
+    ``batch``: ``image`` (B, H, W, 3) float32, ``gt_boxes`` (B, G, 4) xyxy, ``gt_labels``
+    (B, G), ``gt_mask`` (B, G) bool (see ``benchmarks.train.random_batch``).
+    Returns ``img`` (B, 3, H, W) float32 (the same values, NCHW), and per image ``gt_bboxes``
+    (n_i, 4) float32 and ``gt_labels`` (n_i,) int64 with only the unmasked boxes, in order:
+    the numpy arrays ``NanoDetPlusHead.loss`` reads from ``gt_meta``.
+    """
+    img = np.ascontiguousarray(np.asarray(batch["image"], np.float32).transpose(0, 3, 1, 2))
+    mask = np.asarray(batch["gt_mask"], bool)
+    boxes = np.asarray(batch["gt_boxes"], np.float32)
+    labels = np.asarray(batch["gt_labels"])
+    gt_bboxes = [np.ascontiguousarray(b[m]) for b, m in zip(boxes, mask)]
+    gt_labels = [lab[m].astype(np.int64) for lab, m in zip(labels, mask)]
+    return img, gt_bboxes, gt_labels
+
+
+def _run_worker(path: str | os.PathLike, args: Sequence[str], what: str) -> dict:
+    """Run this file as a script (``args``) and return the JSON it writes to ``--out``."""
+    with tempfile.TemporaryDirectory(prefix="nanodet_ref_") as tmp:
+        out = Path(tmp) / "out.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args,
+                               "--reference", str(path), "--out", str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise ReferenceUnavailable(f"--reference {path}: {what} failed "
+                                       f"(exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+def check_reference(path: str | os.PathLike, sizes: Sequence[int] = SIZES) -> dict:
+    """Check that ``path`` is a usable reference checkout with torch, before any timing.
+
+    Raises :class:`ReferenceUnavailable` naming ``path`` and what is missing: the directory,
+    ``nanodet/__init__.py``, a ``config/nanodet-plus-m_<size>.yml``, torch, or an import of
+    ``nanodet.util`` / ``nanodet.model.arch`` (and its dependencies) from ``path``.
+    Returns ``{"path", "torch", "nanodet_package"}``.
+    """
+    p = Path(path).expanduser()
+    hint = "expected a checkout of RangiLyu/nanodet: the directory that holds nanodet/"
+    if not p.is_dir():
+        raise ReferenceUnavailable(f"--reference {path}: no such directory ({hint})")
+    if not (p / "nanodet" / "__init__.py").is_file():
+        raise ReferenceUnavailable(f"--reference {path}: no nanodet/__init__.py there ({hint})")
+    missing = [YAML_TEMPLATE.format(size=s) for s in sizes if not reference_yaml(p, s).is_file()]
+    if missing:
+        raise ReferenceUnavailable(f"--reference {path}: missing the reference configs "
+                                   f"{', '.join(missing)}")
+    if importlib.util.find_spec("torch") is None:
+        raise ReferenceUnavailable(f"--reference {path}: torch is not installed "
+                                   "(pip install torch, or the nanodet_jax[torch] extra)")
+    info = _run_worker(p.resolve(), ["check", *(f"--size={s}" for s in sizes)],
+                       "importing the reference package")
+    return {"path": str(p.resolve()), **info}
+
+
+def time_reference_case(path: str | os.PathLike, size: int, num_classes: int,
+                        batch: Mapping[str, np.ndarray], detach: bool, repeats: int) -> dict:
+    """Time the reference's train step for the m_``size`` case on ``batch`` (in a subprocess).
+
+    ``batch`` is our padded numpy batch (see :func:`to_reference_inputs`). Returns
+    ``{"first_step_s", "step_s_median", "step_s_min", "images_per_s", "peak_rss_mb",
+    "loss_finite", "epoch", "torch_threads", "optimizer", "grad_clip", "ema"}``.
+    """
+    with tempfile.TemporaryDirectory(prefix="nanodet_ref_in_") as tmp:
+        inputs = Path(tmp) / "batch.npz"
+        np.savez(inputs, **{k: np.asarray(batch[k]) for k in
+                            ("image", "gt_boxes", "gt_labels", "gt_mask")})
+        return _run_worker(Path(path).expanduser().resolve(),
+                           ["time", f"--size={size}", f"--num-classes={num_classes}",
+                            f"--inputs={inputs}", f"--repeats={repeats}"]
+                           + (["--detach"] if detach else []),
+                           f"the reference step for m_{size} (batch "
+                           f"{np.shape(batch['image'])[0]})")
+
+
+# ---- the subprocess side: imports torch and the reference ------------------------------------
+
+def _import_reference(path: Path):
+    """Import the reference package from ``path`` (put first on ``sys.path``, once).
+
+    Returns ``(cfg, load_config, build_model, package_dir)`` of the reference.
+    """
+    if sys.path[:1] != [str(path)]:
+        sys.path.insert(0, str(path))
+    import nanodet
+    from nanodet.model.arch import build_model
+    from nanodet.util import cfg, load_config
+
+    where = Path(nanodet.__file__).resolve().parent
+    if where != (path / "nanodet").resolve():
+        raise ImportError(f"`import nanodet` found {where}, not the checkout {path}")
+    return cfg, load_config, build_model, where
+
+
+def _reference_config(path: Path, size: int, num_classes: int | None = None):
+    """The reference's frozen config for m_``size`` (``num_classes`` set in both heads)."""
+    base_cfg, load_config, _, _ = _import_reference(path)
+    c = base_cfg.clone()
+    load_config(c, str(reference_yaml(path, size)))
+    if c.model.arch.name != "NanoDetPlus":
+        raise ValueError(f"{reference_yaml(path, size)}: arch {c.model.arch.name!r}, "
+                         "expected NanoDetPlus")
+    c.defrost()
+    c.model.arch.backbone.pretrain = False  # no ImageNet download; timing only
+    if num_classes is not None:
+        c.model.arch.head.num_classes = num_classes
+        c.model.arch.aux_head.num_classes = num_classes
+    c.freeze()
+    return c
+
+
+def _worker_check(path: Path, sizes: Sequence[int]) -> dict:
+    import torch
+
+    *_, where = _import_reference(path)
+    for s in sizes:
+        _reference_config(path, s)
+    return {"torch": torch.__version__, "nanodet_package": str(where)}
+
+
+def _worker_time(path: Path, size: int, num_classes: int, inputs: Path, detach: bool,
+                 repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    _, _, build_model, _ = _import_reference(path)
+    c = _reference_config(path, size, num_classes)
+    with np.load(inputs) as f:
+        img, gt_bboxes, gt_labels = to_reference_inputs(dict(f))
+    w, h = c.data.train.input_size
+    if img.shape[2:] != (h, w):
+        raise ValueError(f"batch is {img.shape[2:]} (h, w), the reference config {w}x{h}")
+    gt_meta = {"img": torch.from_numpy(img), "gt_bboxes": gt_bboxes, "gt_labels": gt_labels}
+
+    model = build_model(c.model)
+    model.train()
+    if not detach and model.detach_epoch <= 0:
+        raise ValueError(f"detach_epoch is {model.detach_epoch}: no before-detach epoch")
+    epoch = model.detach_epoch if detach else 0
+    model.set_epoch(epoch)
+    try:
+        from nanodet.optim import build_optimizer
+        optimizer = build_optimizer(model, c.schedule.optimizer)
+        optimizer_name = "nanodet.optim.build_optimizer"
+    except ModuleNotFoundError as e:  # older checkouts: the task built torch.optim.<name>
+        if e.name != "nanodet.optim":
+            raise
+        ocfg = dict(c.schedule.optimizer)
+        optimizer_name = f"torch.optim.{ocfg.pop('name')}"
+        optimizer = getattr(torch.optim, optimizer_name.rsplit(".", 1)[1])(
+            model.parameters(), **ocfg)
+    grad_clip = float(c.get("grad_clip", 0.0))
+    ema = None
+    if c.model.get("weight_averager"):
+        from nanodet.model.weight_averager import build_weight_averager
+        ema = build_weight_averager(c.model.weight_averager, device="cpu")
+        ema.load_from(model)
+
+    def step(i: int) -> float:
+        _, loss, _ = model.forward_train(gt_meta)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        if ema is not None:
+            ema.update(model, i)
+        return float(loss.detach())
+
+    t0 = time.perf_counter()
+    loss = step(0)
+    first = time.perf_counter() - t0
+    times = []
+    for i in range(1, repeats + 1):
+        t0 = time.perf_counter()
+        loss = step(i)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"first_step_s": round(first, 3), "step_s_median": round(med, 4),
+            "step_s_min": round(min(times), 4), "images_per_s": round(img.shape[0] / med, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "loss_finite": bool(np.isfinite(loss)), "epoch": epoch,
+            "torch_threads": torch.get_num_threads(), "optimizer": optimizer_name,
+            "grad_clip": grad_clip, "ema": ema is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Subprocess entry: ``check`` or ``time`` one case; writes its JSON to ``--out``."""
+    p = argparse.ArgumentParser(description="internal: run by benchmarks/train.py")
+    p.add_argument("mode", choices=("check", "time"))
+    p.add_argument("--reference", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--size", type=int, action="append", required=True)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--inputs", type=Path)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--detach", action="store_true")
+    a = p.parse_args(argv)
+    if a.mode == "check":
+        res = _worker_check(a.reference, a.size)
+    else:
+        res = _worker_time(a.reference, a.size[0], a.num_classes, a.inputs, a.detach,
+                           a.repeats)
+    a.out.write_text(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
