@@ -268,10 +268,10 @@ def test_config_points_at_cache_without_generating(tmp_path, monkeypatch):
     arch = cfg.model.arch
     assert arch.head.num_classes == arch.aux_head.num_classes == len(S.CLASS_NAMES)
     assert arch.backbone.pretrain is False and cfg.save_dir == "workspace/synthetic"
-    assert cfg.data.train.input_size == [320, 320]
-    root = tmp_path / "synthetic_0_1000_100_320"
+    assert cfg.data.train.input_size == cfg.data.val.input_size == [128, 128]
+    root = tmp_path / "synthetic_0_3000_100_128"
     for split in S.SPLITS:
         img_dir, ann = S.split_paths(root, split)
         assert cfg.data[split].img_path == str(img_dir) and cfg.data[split].ann_path == str(ann)
-    assert S.SyntheticSpec.from_dirname(root.name) == S.SyntheticSpec(0, 1000, 100, 320)
+    assert S.SyntheticSpec.from_dirname(root.name) == S.SyntheticSpec(0, 3000, 100, 128)
     assert cfg.schedule.total_epochs == cfg.schedule.lr_schedule.T_max
