@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
+    from nanodet_jax.data.loader import DataError
     from nanodet_jax.train.loop import RunOptions, TrainingStopped, run_training
 
     try:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=resume, force=args.force, seed=args.seed, num_workers=args.workers,
             max_steps=args.max_steps, checkpoint_steps=args.checkpoint_steps,
             progress=not args.no_progress))
-    except (ConfigError, ResumeError, TrainingStopped, FileNotFoundError) as e:
+    except (ConfigError, ResumeError, TrainingStopped, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if metrics:

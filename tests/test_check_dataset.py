@@ -233,6 +233,15 @@ def test_label_outside_num_classes(tmp_path):
     assert p.severity == C.ERROR and "defines 3 classes, num_classes = 2" in text
 
 
+def test_fewer_dataset_classes_than_num_classes_is_an_error(tmp_path):
+    """Evaluation maps every predicted label to a dataset category: labels the dataset lacks
+    would fail there, after training, so the check stops it before."""
+    r = check(tmp_path, anns=CLEAN_ANNS, categories=(1, 2), names=(*NAMES, "c3"),
+              num_classes=3)
+    p, text = problem_text(r, "dataset classes != num_classes")
+    assert p.severity == C.ERROR and "defines 2 classes, num_classes = 3" in text
+
+
 def test_num_classes_differs_from_class_names(tmp_path):
     img_dir, ann = make_coco(tmp_path, CLEAN_IMAGES, CLEAN_ANNS)
     cfg = validate(recipe(img_dir, ann))

@@ -140,10 +140,11 @@ def config_problems(num_classes: Mapping[str, int], class_names: Sequence[str],
             p.add(ERROR, "num_classes != len(class_names)", f"{fld} = {value}, class_names "
                   f"has {n} entries", "make them equal (one output per class name)")
     m, d = min(num_classes.values(), default=n), len(dataset_names)
-    if d != m:
-        p.add(ERROR if d > m else WARNING, "dataset classes != num_classes",
+    if d != m:  # fewer: evaluation could not map labels >= d to a dataset category
+        p.add(ERROR, "dataset classes != num_classes",
               f"{reader} defines {d} classes, num_classes = {m}",
-              "set num_classes and class_names to the dataset's classes")
+              "set num_classes and class_names to the dataset's classes (a COCO file "
+              "must list all of them in 'categories', used or not)")
     norm = [str(c).lower().replace(" ", "_") for c in dataset_names]
     if d == n and norm != [str(c).lower().replace(" ", "_") for c in class_names]:
         pairs = [f"label {i}: {a!r} vs {b!r}" for i, (a, b) in

@@ -183,8 +183,6 @@ class Trainer:
         self.val_set = build_dataset(cfg.data.val, list(cfg.class_names), "data.val")
         self._check_data()
         self.saved = _prepare_workdir(self.workdir, self.cfg_dict, self.opts)
-        if self.is_main:
-            check_writable(self.workdir)
         if self.saved and self.saved.get("dataset") != dataset_fingerprint(
                 self.train_set.records) and not self.opts.force:
             raise ResumeError(f"--resume: the training data changed since the run in "
@@ -209,6 +207,8 @@ class Trainer:
         self.lr = make_lr_schedule(cfg.schedule, self.steps_per_epoch)
         self.step_fn = jit_train_step(make_train_step(make_objective(self.model, cfg),
                                                       self.optimizer, self.lr))
+        if self.is_main:  # last: every input error above leaves nothing behind
+            check_writable(self.workdir)
 
     def _check_data(self) -> None:
         for split in ("train", "val"):
