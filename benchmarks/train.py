@@ -4,7 +4,9 @@ gradients, clip, AdamW, EMA) on random data.
 For m_320 and m_416 (``configs/``) at batch 8 and 16, before and after detach: compile time,
 median step time, images/s and the process's peak resident memory. Batches are random
 images with 20 random GT boxes each (padded to 32). ``--quick``: ShuffleNetV2 0.5x with a
-narrow neck/heads at 128x128, batch 8, before detach only.
+narrow neck/heads at 128x128, batch 8, before detach only. Next to the step, ``data_loader``
+holds the loader's images/s for the same input sizes (:mod:`benchmarks.data`: 0, 1 and 2
+worker processes), so the two rates can be compared in one JSON.
 
 ``--reference PATH`` (a RangiLyu/nanodet checkout, with torch installed; not with
 ``--quick``): each case also times the reference's own training step on the same images and
@@ -120,4 +122,7 @@ def run(args) -> dict:
                     case["reference"] = ref
                     case["ratio_ours_over_reference"] = round(
                         case["step_s_median"] / ref["step_s_median"], 3)
+    from benchmarks import data as data_bench
+
+    out["data_loader"] = data_bench.run(args)
     return out

@@ -8,17 +8,19 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 CACHE_ENV = "NANODET_TEST_JAX_CACHE"
 
 
-def pytest_configure(config):
-    """With ``-n N`` keep tests that share an expensive module fixture on one worker
-    (``@pytest.mark.xdist_group``): xdist's ``load`` becomes ``loadgroup``.
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``@pytest.mark.xdist_group`` share an expensive module fixture and run on
+    one xdist worker (``--dist loadgroup`` in pyproject's addopts); they go first, so that
+    long group starts at once while the other workers take everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
 
-    Compilation is most of this suite's time on CPU, and several tests compile the same
+
+def pytest_configure(config):
+    """Compilation is most of this suite's time on CPU, and several tests compile the same
     computation (the same model forward from different test files, both xdist workers):
     one persistent JAX compilation cache, in a fresh directory made by the controlling
     process for this session only (never reused across sessions or machines), serves them
     all; it is removed at the end."""
-    if getattr(config.option, "dist", None) == "load":
-        config.option.dist = "loadgroup"
     if not hasattr(config, "workerinput") and CACHE_ENV not in os.environ:
         os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="nanodet_test_jax_cache_")
         config._nanodet_cache_dir = os.environ[CACHE_ENV]
