@@ -33,7 +33,13 @@ from nanodet_jax.data.synthetic import (
     write_synthetic_dataset,
 )
 from nanodet_jax.train.checkpoints import ResumeError, TrainCheckpoints
-from nanodet_jax.train.loop import RunOptions, Trainer, TrainingStopped, guarded_write
+from nanodet_jax.train.loop import (
+    CHECKPOINT_WRITE_ERRORS,
+    RunOptions,
+    Trainer,
+    TrainingStopped,
+    guarded_write,
+)
 from nanodet_jax.train.optim import make_optimizer
 from nanodet_jax.train.schedule import make_lr_schedule
 from nanodet_jax.train.state import create_train_state
@@ -350,7 +356,7 @@ def test_failed_checkpoint_write_stops_and_keeps_the_last_good_one(tmp_path):
         with pytest.raises(TrainingStopped, match=r"(?s)writing a checkpoint in .* failed "
                            r"\(a file size limit was hit\).*last good checkpoint is "
                            r".*checkpoints/0; free space and continue with --resume"):
-            with guarded_write("a checkpoint", tmp_path, ckpts, (OSError, ValueError)):
+            with guarded_write("a checkpoint", tmp_path, ckpts, CHECKPOINT_WRITE_ERRORS):
                 ckpts.save(later, {**meta, "epoch": 2})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -45,6 +45,7 @@ MAX_BAD_STEPS = 5  # non-finite steps in a row that stop a run
 RESUME_IGNORED = ("schedule.resume", "save_dir")  # fields a resume may change
 METRICS = ("mAP", "AP50", "AP75", "AP_small", "AP_m", "AP_l")
 SAVE_KEY_ALIASES = {"AP_50": "AP50", "AP_75": "AP75"}  # the reference evaluator's names
+CHECKPOINT_WRITE_ERRORS = (OSError, ValueError)  # tensorstore reports I/O errors as ValueError
 
 
 class TrainingStopped(RuntimeError):
@@ -235,14 +236,14 @@ class Trainer:
         evaluation's metrics (empty when none ran)."""
         cfg = self.cfg
         state, meta = self.initial_state()
-        with self._writing("the checkpoint directories"):
+        with self._writing("the checkpoint directories", CHECKPOINT_WRITE_ERRORS):
             ckpts = TrainCheckpoints(self.workdir, keep=int(cfg.log.keep_checkpoints))
         if self.saved:
             state, meta = ckpts.restore(state)
             print(f"resumed {self.workdir} at epoch {meta['epoch']}, step "
                   f"{int(state.step)}, batch {meta['loader']['batch']}", flush=True)
         elif self.is_main:
-            with guarded_write(CONFIG_FILE, self.workdir, None):
+            with self._writing(CONFIG_FILE):
                 (self.workdir / CONFIG_FILE).write_text(json.dumps(
                     {"config": self.cfg_dict, "seed": self.seed,
                      "dataset": dataset_fingerprint(self.train_set.records)}, indent=1))
@@ -298,11 +299,11 @@ class Trainer:
                 if opts.checkpoint_steps or opts.max_steps:  # opt-in host sync per step
                     done = int(jax.device_get(state.step))
                     if opts.checkpoint_steps and done % opts.checkpoint_steps == 0:
-                        with self._writing("a checkpoint"):
+                        with self._writing("a checkpoint", CHECKPOINT_WRITE_ERRORS):
                             ckpts.save(state, meta)
                     if opts.max_steps and done >= opts.max_steps:
                         bar.close()
-                        with self._writing("a checkpoint"):
+                        with self._writing("a checkpoint", CHECKPOINT_WRITE_ERRORS):
                             ckpts.save(state, meta)
                         return self._finish(state, log, last_eval)
             bar.close()
@@ -315,7 +316,7 @@ class Trainer:
                 if value is not None and (meta["best"] is None or value > meta["best"]):
                     meta = {**meta, "best": value, "best_epoch": epoch}
                     best = True
-            with self._writing("a checkpoint"):
+            with self._writing("a checkpoint", CHECKPOINT_WRITE_ERRORS):
                 ckpts.save(state, meta, best=best)
             if best and self.is_main:
                 with self._writing(BEST_PTH):
@@ -325,8 +326,7 @@ class Trainer:
     def _wall(self) -> float:
         return round(time.perf_counter() - self.started, 1)
 
-    def _writing(self, what: str):
-        errors = (OSError, ValueError) if "checkpoint" in what else (OSError,)
+    def _writing(self, what: str, errors: tuple[type[BaseException], ...] = (OSError,)):
         return guarded_write(what, self.workdir, self._ckpts, errors)
 
     def _finish(self, state: TrainState, log: MetricsLog, last_eval: dict) -> dict:
