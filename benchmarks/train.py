@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks import data as data_bench
 from benchmarks.reference_train import check_reference, time_reference_case
 from nanodet_jax.config import load_config, nanodet_plus_tiny, validate
 from nanodet_jax.models import build_model, init_train_variables
@@ -122,7 +123,5 @@ def run(args) -> dict:
                     case["reference"] = ref
                     case["ratio_ours_over_reference"] = round(
                         case["step_s_median"] / ref["step_s_median"], 3)
-    from benchmarks import data as data_bench
-
     out["data_loader"] = data_bench.run(args)
     return out
