@@ -21,8 +21,9 @@ import pytest
 from jax import lax
 
 from nanodet_jax.models.depthwise import depthwise_conv, resolve_impl
-
-TOL = 1e-5
+from tests.conv_check import TOL
+from tests.conv_check import check as _check
+from tests.conv_check import value_and_vjp as _value_and_vjp
 
 
 def _reference(x, kernel, stride, padding):
@@ -32,14 +33,6 @@ def _reference(x, kernel, stride, padding):
         precision=lax.Precision.HIGHEST)
 
 
-def _value_and_vjp(fn):
-    @jax.jit
-    def run(x, kernel, cot):
-        y, vjp = jax.vjp(fn, x, kernel)
-        return (y, *vjp(cot))
-    return run
-
-
 def _inputs(n, h, w, c, kh, kw, stride, padding, seed=0):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
@@ -47,17 +40,6 @@ def _inputs(n, h, w, c, kh, kw, stride, padding, seed=0):
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
     cot = jnp.asarray(rng.standard_normal((n, ho, wo, c)), jnp.float32)
     return x, kernel, cot
-
-
-def _check(got, ref, name, elementwise_scale):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, (name, got.shape, ref.shape)
-    d = np.abs(got - ref)
-    rel = np.linalg.norm(d) / np.linalg.norm(ref)
-    assert rel <= TOL, f"{name}: relative norm error {rel:.2e}"
-    bound = TOL * (1.0 + (np.abs(ref) if elementwise_scale == "elem" else np.abs(ref).max()))
-    assert np.all(d <= bound), f"{name}: max elementwise error {d.max():.2e}"
-    return rel, float(d.max())
 
 
 def _compare(impl, n, h, w, c, kh, kw, stride, padding):

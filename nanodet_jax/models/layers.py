@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nanodet_jax.models.dense_conv import dense_conv
 from nanodet_jax.models.depthwise import depthwise_conv
 
 Array = jax.Array
@@ -103,32 +104,12 @@ def inverse_in_channels() -> Initializer:
 # Layers
 
 
-IM2COL_MAX_DEPTH = 64  # dense convs with in*k*k <= this run as im2col + matmul on CPU
-
-
-def im2col_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-    """Dense conv as one matmul over stacked taps: (N, H, W, C) * (k, k, C, O) -> (N, H', W', O).
-
-    Same math as ``lax.conv_general_dilated`` with symmetric padding. XLA:CPU runs convs
-    with very few input channels (the 3-channel stem) about 4x slower than this form.
-    """
-    k, cin, cout = kernel.shape[0], kernel.shape[2], kernel.shape[3]
-    n, h, w, _ = x.shape
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    taps = [lax.slice(xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1,
-                                         j + stride * (wo - 1) + 1, cin), (1, stride, stride, 1))
-            for i in range(k) for j in range(k)]
-    patches = jnp.concatenate(taps, axis=-1)  # (N, H', W', k*k*C), (i, j, c) order
-    return jnp.dot(patches, kernel.reshape(k * k * cin, cout),
-                   precision=lax.Precision.HIGHEST)
-
-
 class Conv2d(nn.Module):
     """2-D convolution with explicit symmetric padding, NHWC.
 
     ``depthwise=True`` is a grouped conv with ``groups = in_channels = features`` and runs
-    through the project's single depthwise op (fast tap form on CPU, native elsewhere).
+    through the project's single depthwise op (fast tap form on CPU, native elsewhere); other
+    convs through the single dense op (``dense_conv``: fast weight gradient on CPU).
     Params: ``kernel (kh, kw, in/groups, out)``, optional ``bias (out,)``.
     """
 
@@ -154,14 +135,7 @@ class Conv2d(nn.Module):
             y = depthwise_conv(x, kernel.astype(x.dtype), stride=s, padding=p)
         else:
             kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features))
-            if k == 1 and s == 1 and p == 0:  # pointwise: a matmul over channels
-                y = jnp.dot(x, kernel[0, 0].astype(x.dtype))
-            elif k > 1 and cin * k * k <= IM2COL_MAX_DEPTH and jax.default_backend() == "cpu":
-                y = im2col_conv(x, kernel.astype(x.dtype), s, p)
-            else:
-                y = lax.conv_general_dilated(
-                    x, kernel.astype(x.dtype), window_strides=(s, s),
-                    padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = dense_conv(x, kernel.astype(x.dtype), stride=s, padding=p)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
         return y
@@ -234,8 +208,9 @@ class ConvModule(nn.Module):
             x = BatchNorm(use_running_average=not train, name="bn")(x)
         elif self.norm == "GN":
             # two-pass statistics (E[(x - E[x])^2]) like PyTorch, not E[x^2] - E[x]^2
+            # statistics in float32 (flax), output in the activation dtype (bf16 stays bf16)
             x = nn.GroupNorm(num_groups=self.gn_groups, epsilon=BN_EPS, use_fast_variance=False,
-                             name="gn")(x)
+                             name="gn")(x).astype(x.dtype)
         elif self.norm is not None:
             raise ValueError(f"unsupported norm {self.norm!r} (use 'BN', 'GN' or None)")
         return activation_fn(self.activation)(x)
