@@ -159,6 +159,16 @@ def check_pretrain(value: Any, source: str = "<config>") -> None:
                           f"path of a torchvision ShuffleNetV2 .pth file, got {value!r}")
 
 
+def check_precision(value: Any, source: str = "<config>") -> int:
+    """``device.precision`` as 32 or 16 (the reference's AMP switch, read as bfloat16; see
+    ``nanodet_jax.precision``), else a ConfigError naming the field."""
+    if isinstance(value, bool) or value not in (16, 32):
+        raise ConfigError(f"{source}: device.precision = {value!r} is not supported: use 32 "
+                          "(float32) or 16 (bfloat16 activations, float32 parameters and "
+                          "losses)")
+    return int(value)
+
+
 def _check_semantics(cfg: dict, source: str) -> None:
     arch = cfg["model"]["arch"]
     if arch["name"] != "NanoDetPlus":
@@ -175,6 +185,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: data.{split}.input_size must be [width, height], "
                               f"got {size!r}")
     check_pretrain(arch["backbone"]["pretrain"], source)
+    check_precision(cfg["device"]["precision"], source)
     n = len(cfg["class_names"])
     for sec in ("head", "aux_head"):
         if arch[sec]["num_classes"] != n:

@@ -15,8 +15,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from nanodet_jax.head_loss import HeadLossConfig, head_loss
+from nanodet_jax.precision import compute_dtype, model_outputs_f32
 
 Array = jax.Array
 Objective = Callable[[Mapping, Mapping, bool], tuple[Array, tuple[dict, dict]]]
@@ -38,14 +40,21 @@ def head_loss_config(cfg: Any) -> HeadLossConfig:
 
 
 def make_objective(model, cfg: Any) -> Objective:
-    """Build ``objective(variables, batch, detach)`` for ``model`` (a ``NanoDetPlus``)."""
+    """Build ``objective(variables, batch, detach)`` for ``model`` (a ``NanoDetPlus``).
+
+    With ``device.precision: 16`` the forward runs in bfloat16 (``nanodet_jax.precision``);
+    predictions, losses, assignment and gradients stay float32."""
     loss_cfg = head_loss_config(cfg)
+    dtype = compute_dtype(cfg) if "device" in cfg else jnp.float32
 
     def objective(variables: Mapping, batch: Mapping, detach: bool = False):
         images = batch["image"]
         (preds, aux_preds), new_state = model.apply(
-            {"params": variables["params"], "batch_stats": variables["batch_stats"]}, images,
+            {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+            images if dtype == jnp.float32 else images.astype(dtype),
             train=True, detach=detach, mutable=["batch_stats"])
+        if dtype != jnp.float32:
+            preds, aux_preds = model_outputs_f32((preds, aux_preds))
         loss, states = head_loss(preds, aux_preds, batch["gt_boxes"], batch["gt_labels"],
                                  batch["gt_mask"], tuple(images.shape[1:3]), loss_cfg)
         return loss, (states, new_state["batch_stats"])
