@@ -105,7 +105,10 @@ def _schema() -> dict:
         },
         "data": {"train": _dataset_schema(), "val": _dataset_schema()},
         "device": {"gpu_ids": [0], "workers_per_gpu": 4, "batchsize_per_gpu": 96,
-                   "precision": 32},
+                   "precision": 32,
+                   # multi-host start (ours; nanodet_jax.train.sharding): "auto", true, false
+                   "distributed": {"enabled": "auto", "coordinator_address": None,
+                                   "num_processes": None, "process_id": None}},
         "schedule": {"resume": None, "load_model": None,
                      "optimizer": {OPEN: True, "name": "AdamW", "lr": 0.001,
                                    "weight_decay": 0.05},
@@ -186,6 +189,10 @@ def _check_semantics(cfg: dict, source: str) -> None:
                               f"got {size!r}")
     check_pretrain(arch["backbone"]["pretrain"], source)
     check_precision(cfg["device"]["precision"], source)
+    enabled = cfg["device"]["distributed"]["enabled"]
+    if enabled not in (True, False, "auto"):
+        raise ConfigError(f"{source}: device.distributed.enabled must be \"auto\", true or "
+                          f"false, got {enabled!r}")
     n = len(cfg["class_names"])
     for sec in ("head", "aux_head"):
         if arch[sec]["num_classes"] != n:

@@ -31,8 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="orbax directory or reference .ckpt/.pth")
     p.add_argument("--save-dir", type=Path, help="output folder (default <save_dir>/eval)")
     p.add_argument("--batch-size", type=int,
-                   help="images per batch (default device.batchsize_per_gpu, at most the "
-                        "number of images)")
+                   help="images per global batch (default device.batchsize_per_gpu x "
+                        "len(device.gpu_ids), at most the number of images; rounded up to a "
+                        "multiple of the device count)")
     p.add_argument("--workers", type=int, help="loader worker processes (default "
                                                "device.workers_per_gpu; 0: in this process)")
     p.add_argument("--no-ema", action="store_true", help="use live weights, not avg_model.*")
@@ -55,10 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     from nanodet_jax.data.readers import build_dataset
     from nanodet_jax.models import build_model
     from nanodet_jax.train.evaluate import evaluate, format_per_class_table, write_results
+    from nanodet_jax.train.sharding import global_batch_size, maybe_initialize_distributed
 
     ckpt = Path(args.checkpoint)
     try:
         cfg = load_config(args.config)
+        maybe_initialize_distributed(cfg)  # multi-host only; before any other JAX call
+        import jax
+
+        main_process = jax.process_index() == 0
         if not ckpt.exists():
             raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
         t0 = time.perf_counter()
@@ -66,14 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         which = "live weights" if args.no_ema else "EMA weights when present"
         print(f"loaded {ckpt} ({which}) in {time.perf_counter() - t0:.2f} s")
         dataset = build_dataset(cfg.data.val, cfg.class_names, where="data.val")
-        batch = args.batch_size or min(int(cfg.device.batchsize_per_gpu), len(dataset))
+        batch = args.batch_size or min(global_batch_size(cfg), len(dataset))
+        batch = -(-max(batch, 1) // jax.device_count()) * jax.device_count()  # split evenly
         workers = (int(cfg.device.get("workers_per_gpu", 0)) if args.workers is None
                    else args.workers)
-        loader = build_loader(cfg.data.val, dataset.records, batch_size=max(batch, 1), seed=0,
+        loader = build_loader(cfg.data.val, dataset.records, batch_size=batch, seed=0,
                               train=False, num_workers=workers, field="data.val")
         model = build_model(cfg, with_aux=False)
         print(f"evaluating {len(dataset)} image(s) of {dataset.source} in {len(loader)} "
-              f"batch(es) of {batch}")
+              f"batch(es) of {batch} on {jax.device_count()} device(s)")
         t0 = time.perf_counter()
         result = evaluate(model, variables, loader, dataset, cfg,
                           precision=None if args.precision in (None, "default")
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not main_process:  # every process has the same result; the first one reports it
+        return 0
     print(result.summary)
     print(format_per_class_table(result))
     for note in result.notes:

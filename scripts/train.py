@@ -13,6 +13,12 @@ The workdir (default: the config's ``save_dir``) receives ``config.json``, ``met
 ``tb/`` (TensorBoard), ``checkpoints/`` (latest), ``best/``, ``model_best.pth``,
 ``curves.png`` and ``per_class_ap.txt``. A workdir that holds another run is never
 overwritten: pass ``--resume`` (or set ``schedule.resume``) to continue it.
+
+Every device takes part (one jitted step over a mesh of all devices; the global batch is
+``device.batchsize_per_gpu * len(device.gpu_ids)``). Multi-host: run the same command on
+every host, with ``--config.device.distributed.coordinator_address=HOST0:PORT
+--config.device.distributed.num_processes=N --config.device.distributed.process_id=I`` (or
+the ``NANODET_*`` environment variables; SLURM, Open MPI and TPU pods are detected).
 """
 
 from __future__ import annotations
@@ -64,13 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
+    # importing these starts no JAX backend (maybe_initialize_distributed must come first)
     from nanodet_jax.data.loader import DataError
     from nanodet_jax.train.loop import RunOptions, TrainingStopped, run_training
+    from nanodet_jax.train.sharding import maybe_initialize_distributed
 
     try:
         cfg = load_config(args.config)
         if overrides:
             cfg = apply_overrides(cfg, overrides, args.config)
+        maybe_initialize_distributed(cfg)  # multi-host runs only; before any other JAX call
         resume = args.resume or bool(cfg.schedule.get("resume"))
         workdir = args.workdir or cfg.save_dir
         metrics = run_training(cfg, workdir, RunOptions(
@@ -80,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ResumeError, TrainingStopped, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if metrics:
+    import jax
+
+    if metrics and jax.process_index() == 0:
         print("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                if isinstance(v, float)))
     return 0

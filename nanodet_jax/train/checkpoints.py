@@ -10,6 +10,12 @@ Layout of a workdir::
 epoch, the loader position, the best metric so far and the config/dataset fingerprints.
 orbax writes into a temporary directory and renames it when complete, so a process killed
 while saving leaves the previous checkpoint intact (an unfinished one is ignored).
+
+Multi-host: every process calls :meth:`TrainCheckpoints.save` / ``restore`` (orbax coordinates
+them; the workdir must be on a filesystem all hosts share). The state is saved as the global
+``jax.Array``s it is (never fetched to one host), and restored with the shardings of the
+template (replicated on the mesh), so a resumed run feeds the jitted step exactly what it
+was compiled for.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class TrainCheckpoints:
     def save(self, state: TrainState, meta: dict, best: bool = False) -> int:
         """Write ``state`` + ``meta`` as the latest checkpoint (and as the best one)."""
         step = int(jax.device_get(state.step))
-        tree = jax.device_get(state)
+        tree = state  # global arrays as they are: each process writes what it holds
         for mngr in (self.latest, self.best) if best else (self.latest,):
             if step in mngr.all_steps():  # re-saved at the same step (e.g. best after latest)
                 mngr.delete(step)
@@ -65,17 +71,19 @@ class TrainCheckpoints:
 
     def restore(self, template: TrainState, which: str = LATEST) -> tuple[TrainState, dict]:
         """The newest complete checkpoint of ``which`` (``checkpoints`` or ``best``), restored
-        into the structure of ``template`` (a freshly created state)."""
+        into the structure, dtypes and shardings of ``template`` (a freshly created state,
+        e.g. replicated on the mesh: the restored state is too)."""
         mngr = self.latest if which == LATEST else self.best
         step = mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.workdir / which}")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, jax.device_get(template))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         out = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        # device arrays like a fresh state's (host numpy leaves would be a different jit
-        # signature: one extra compilation of the step after every resume)
-        return jax.tree.map(jnp.asarray, out["state"]), dict(out["meta"])
+        # device arrays like a fresh state's (host numpy leaves, for a template leaf that is
+        # not a jax.Array, would be a different jit signature: one more compilation)
+        return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x),
+                            out["state"]), dict(out["meta"])
 
     def close(self) -> None:
         self.latest.close()
@@ -96,10 +104,19 @@ def load_ema_variables(path: str | Path) -> dict | None:
         if not steps:
             return None
         step_dir = steps[-1][1]
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(step_dir / "state")
+    tree = restore_host(step_dir / "state")
     ema = tree["ema"]
     return {"params": ema["params"], "batch_stats": ema["batch_stats"]}
+
+
+def restore_host(directory: str | Path) -> dict:
+    """A saved state tree as host numpy arrays, whatever devices it was saved from (a state
+    saved on a mesh restores with its own device topology unless told otherwise)."""
+    path = Path(directory).resolve()
+    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def dataset_fingerprint(records: list[ImageRecord]) -> str:

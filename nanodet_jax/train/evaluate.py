@@ -7,7 +7,9 @@
 One jitted function per batch shape runs the forward pass and the reference evaluation
 post-processing (score > 0.05, class-aware NMS at IoU 0.6, at most 100 detections per image,
 inverse warp clipped to the original image) on every batch of the evaluation loader; the
-``valid = False`` rows that pad the last batch are dropped. Detections become COCO results
+``valid = False`` rows that pad the last batch are dropped. Batches are split over every
+device (``nanodet_jax.train.sharding``); with several processes each loads its rows and the
+detections (small, after NMS) are gathered to all of them. Detections become COCO results
 (the dataset's own category ids, ``[x, y, w, h]`` in original-image pixels, score) in the
 reference's order (image, class, descending score) and are scored with ``COCOeval`` against
 the annotation json (COCO datasets) or an in-memory ground truth built from the records
@@ -70,6 +72,13 @@ from nanodet_jax import postprocess as pp
 from nanodet_jax.data.readers.base import Dataset
 from nanodet_jax.data.readers.coco import CocoDataset
 from nanodet_jax.inference import inference_variables
+from nanodet_jax.train.sharding import (
+    allgather,
+    global_batch,
+    local_device_count,
+    make_mesh,
+    replicate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -334,29 +343,53 @@ def detections_to_coco(det: pp.Detections, image_ids: Sequence[int],
     return out
 
 
+def _pad_rows(rows: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """``rows`` with ``valid = False`` rows appended up to a multiple of ``multiple``."""
+    n = len(rows["valid"])
+    extra = -n % multiple
+    if not extra:
+        return rows
+    out = {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
+           for k, v in rows.items()}
+    out["inv_warp"][n:] = np.eye(3, dtype=np.float32)
+    return out
+
+
 def predict(model: Any, variables: dict, batches: Iterable[dict], cfg: Any, *,
             score_thr: float = SCORE_THR, iou_thr: float = IOU_THR, max_num: int = MAX_NUM,
-            precision: str | None = None) -> tuple[dict[int, pp.Detections], int]:
+            precision: str | None = None, mesh: Any = None
+            ) -> tuple[dict[int, pp.Detections], int]:
     """Run the jitted forward + exact post-processing over evaluation ``batches``.
 
     ``batches``: dicts with ``image (b, H, W, 3)``, ``warp_matrix (b, 3, 3)`` float64,
-    ``orig_hw (b, 2)``, ``image_id (b,)``, ``valid (b,)`` (the loader's keys). Returns the
-    per-image host :class:`~nanodet_jax.postprocess.Detections` ``(1, max_num, ...)`` keyed by
-    image id in visiting order (``valid = False`` rows dropped), and how many duplicate rows of
-    an already seen image id were dropped (the loader replaces an unreadable image by the next
-    readable one).
+    ``orig_hw (b, 2)``, ``image_id (b,)``, ``valid (b,)`` (the loader's keys; this process's
+    rows of every global batch). Returns the per-image host
+    :class:`~nanodet_jax.postprocess.Detections` ``(1, max_num, ...)`` keyed by image id in
+    visiting order (``valid = False`` rows dropped), and how many duplicate rows of an already
+    seen image id were dropped (the loader replaces an unreadable image by the next readable
+    one).
+
+    Data-parallel over ``mesh`` (default: every device, :func:`~nanodet_jax.train.sharding.
+    make_mesh`): each batch is split over the devices (rows padded with ``valid = False`` to a
+    multiple of this process's device count), and the detections of all processes are
+    gathered to every process (the same result everywhere).
     """
     head = cfg.model.arch.head
     fn = _step(model, tuple(int(s) for s in head.strides), int(head.reg_max), float(score_thr),
                float(iou_thr), int(max_num))
-    variables = jax.device_put(inference_variables(variables))
+    mesh = make_mesh() if mesh is None else mesh
+    variables = replicate(inference_variables(variables), mesh)
     per_image: dict[int, pp.Detections] = {}
     duplicates = 0
 
     def collect(pending):
         nonlocal duplicates
-        det, ids, valid = pending
-        det = jax.device_get(det)
+        det, pos, ids, valid = pending
+        # global rows of every process; `pos` maps each to (process, row) in process order,
+        # which is how the host-side ids/valid of all processes concatenate
+        det, pos = allgather((det, pos))
+        ids, valid = allgather((ids, valid))
+        det = jax.tree_util.tree_map(lambda a: a[np.argsort(pos, kind="stable")], det)
         for b in np.flatnonzero(valid):
             image_id = int(ids[b])
             if image_id in per_image:
@@ -367,14 +400,22 @@ def predict(model: Any, variables: dict, batches: Iterable[dict], cfg: Any, *,
     ctx = (jax.default_matmul_precision(precision) if precision is not None
            else contextlib.nullcontext())
     pending = None
+    per_device = local_device_count(mesh)
     with ctx:
         for batch in batches:
             inv = np.linalg.inv(np.asarray(batch["warp_matrix"], np.float64)).astype(np.float32)
-            det = fn(variables, np.asarray(batch["image"], np.float32), inv,
-                     np.asarray(batch["orig_hw"], np.int32))  # dispatched asynchronously
+            rows = _pad_rows({"image": np.asarray(batch["image"], np.float32), "inv_warp": inv,
+                              "orig_hw": np.asarray(batch["orig_hw"], np.int32),
+                              "image_id": np.asarray(batch["image_id"]),
+                              "valid": np.asarray(batch["valid"], bool)}, per_device)
+            n = len(rows["valid"])
+            rows["pos"] = (jax.process_index() * n + np.arange(n)).astype(np.int32)
+            g = global_batch({k: rows[k] for k in ("image", "inv_warp", "orig_hw", "pos")},
+                             mesh)
+            det = fn(variables, g["image"], g["inv_warp"], g["orig_hw"])  # asynchronous
             if pending is not None:
                 collect(pending)  # host work of the previous batch overlaps this one
-            pending = (det, np.asarray(batch["image_id"]), np.asarray(batch["valid"], bool))
+            pending = (det, g["pos"], rows["image_id"], rows["valid"])
         if pending is not None:
             collect(pending)
     return per_image, duplicates
@@ -439,36 +480,36 @@ def coco_evaluate(detections: list[dict[str, Any]], dataset: Dataset, coco_gt: A
 
 
 def evaluate(model: Any, variables: dict, loader: Any, dataset: Dataset, cfg: Any, *,
-             coco_gt: Any = None, precision: str | None = None) -> EvalResult:
+             coco_gt: Any = None, precision: str | None = None, mesh: Any = None
+             ) -> EvalResult:
     """COCO evaluation of ``model`` with ``variables`` on ``loader`` (batches of ``dataset``).
 
     Args:
       model: a Linen module with ``apply(variables, images, train=False) -> (B, P, C + 4K)``
         (the detector, with or without the AGM; the AGM's variables are dropped).
       variables: ``{'params', 'batch_stats'}`` (e.g. the EMA weights).
-      loader: evaluation :class:`nanodet_jax.data.loader.Loader` (``train=False``; one
-        process: ``epoch(0)`` must visit every image).
+      loader: evaluation :class:`nanodet_jax.data.loader.Loader` (``train=False``;
+        ``epoch(0)`` visits every image: each process loads its rows of every batch).
       dataset: the :class:`~nanodet_jax.data.readers.base.Dataset` the loader reads
         (``category_ids``, ``class_names``, and the ground truth).
       cfg: full config (``model.arch.head.strides``/``reg_max``, ``class_names``).
       coco_gt: a prebuilt :func:`coco_ground_truth` (saves reloading it every evaluation).
       precision: optional ``jax.default_matmul_precision`` while tracing (e.g. ``"highest"``).
+      mesh: the devices the forward runs on (default every device; see :func:`predict`).
 
     Returns:
       :class:`EvalResult` with the reference evaluation settings (score > 0.05, NMS 0.6, 100
-      per image; exact, no candidate cap).
+      per image; exact, no candidate cap); every process gets the same result (the
+      detections are gathered to all of them and each scores them).
     """
-    if getattr(loader, "process_count", 1) > 1:
-        raise NotImplementedError("evaluate: multi-process evaluation (gathering detections "
-                                  "across processes) is not implemented; evaluate on one "
-                                  "process")
     num_classes = int(cfg.model.arch.head.num_classes)
     if len(dataset.class_names) != num_classes:
         raise ValueError(f"the model has {num_classes} classes (model.arch.head.num_classes) "
                          f"but the dataset {dataset.source or ''} has "
                          f"{len(dataset.class_names)}")
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
-    per_image, duplicates = predict(model, variables, batches, cfg, precision=precision)
+    per_image, duplicates = predict(model, variables, batches, cfg, precision=precision,
+                                    mesh=mesh)
     detections = []
     for image_id, det in per_image.items():
         detections += detections_to_coco(det, [image_id], dataset.category_ids)

@@ -37,12 +37,14 @@ from nanodet_jax.train.checkpoints import (
 from nanodet_jax.train.metrics_log import MetricsLog, plot_curves
 from nanodet_jax.train.optim import make_optimizer
 from nanodet_jax.train.schedule import make_lr_schedule
+from nanodet_jax.train.sharding import check_batch_divides, global_batch, make_mesh, replicate
 from nanodet_jax.train.state import TrainState, create_train_state
 from nanodet_jax.train.step import jit_train_step, make_train_step
 
 CONFIG_FILE = "config.json"
 MAX_BAD_STEPS = 5  # non-finite steps in a row that stop a run
-RESUME_IGNORED = ("schedule.resume", "save_dir")  # fields a resume may change
+# fields a resume may change (device.distributed: per host, and where the run restarts)
+RESUME_IGNORED = ("schedule.resume", "save_dir", "device.distributed")
 METRICS = ("mAP", "AP50", "AP75", "AP_small", "AP_m", "AP_l")
 SAVE_KEY_ALIASES = {"AP_50": "AP50", "AP_75": "AP75"}  # the reference evaluator's names
 CHECKPOINT_WRITE_ERRORS = (OSError, ValueError)  # tensorstore reports I/O errors as ValueError
@@ -122,11 +124,7 @@ def validate_run_config(cfg: Any) -> None:
         if w % 32 or h % 32:
             raise ConfigError(f"data.{split}.input_size = [{w}, {h}]: width and height must "
                               "be multiples of 32")
-    batch = int(cfg.device.batchsize_per_gpu)
-    n = jax.device_count()
-    if batch < 1 or batch % n:
-        raise ConfigError(f"device.batchsize_per_gpu = {batch} is not divisible by the "
-                          f"{n} devices in use (the batch is split across devices)")
+    check_batch_divides(cfg)  # the global batch splits evenly over devices and processes
     key = save_key(cfg)
     if key not in METRICS:
         raise ConfigError(f"evaluator.save_key = {cfg.evaluator.save_key!r} is not a metric; "
@@ -176,8 +174,9 @@ class Trainer:
         self.started = time.perf_counter()  # rows carry wall_s: seconds since this point
         self.workdir = Path(workdir)
         self._ckpts: TrainCheckpoints | None = None
-        self.is_main = jax.process_index() == 0
+        self.is_main = jax.process_index() == 0  # the one process that writes files
         validate_run_config(cfg)
+        self.mesh = make_mesh()  # every device of every process; axis "data"
         self.cfg_dict = cfg.to_dict()
         ensure_synthetic_for_path(cfg.data.train.ann_path)
         self.train_set = build_dataset(cfg.data.train, list(cfg.class_names), "data.train")
@@ -193,7 +192,7 @@ class Trainer:
             import os
 
             workers = min(int(cfg.device.workers_per_gpu), os.cpu_count() or 1)
-        batch = int(cfg.device.batchsize_per_gpu)
+        batch = check_batch_divides(cfg)  # global; each process loads its slice
         seed = int(self.saved["seed"]) if self.saved else self.opts.seed
         self.seed = seed
         self.train_loader = build_loader(cfg.data.train, self.train_set.records,
@@ -207,9 +206,13 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.steps_per_epoch)
         self.lr = make_lr_schedule(cfg.schedule, self.steps_per_epoch)
         self.step_fn = jit_train_step(make_train_step(make_objective(self.model, cfg),
-                                                      self.optimizer, self.lr))
+                                                      self.optimizer, self.lr), self.mesh)
         if self.is_main:  # last: every input error above leaves nothing behind
             check_writable(self.workdir)
+        if jax.process_count() > 1:  # every process has checked the workdir before any
+            from jax.experimental import multihost_utils  # of them writes into it
+
+            multihost_utils.sync_global_devices("nanodet_jax Trainer ready")
 
     def _check_data(self) -> None:
         for split in ("train", "val"):
@@ -225,6 +228,7 @@ class Trainer:
         init_key, state_key = jax.random.split(key)
         state = create_train_state(_start_variables(self.cfg, init_key), self.optimizer,
                                    state_key)
+        state = replicate(state, self.mesh)  # every process computed the same values
         meta = {"epoch": 0, "loader": {"epoch": 0, "batch": 0}, "best": None,
                 "best_epoch": None}
         return state, meta
@@ -239,9 +243,10 @@ class Trainer:
         with self._writing("the checkpoint directories", CHECKPOINT_WRITE_ERRORS):
             ckpts = TrainCheckpoints(self.workdir, keep=int(cfg.log.keep_checkpoints))
         if self.saved:
-            state, meta = ckpts.restore(state)
-            print(f"resumed {self.workdir} at epoch {meta['epoch']}, step "
-                  f"{int(state.step)}, batch {meta['loader']['batch']}", flush=True)
+            state, meta = ckpts.restore(state)  # replicated on the mesh, as `state`
+            if self.is_main:
+                print(f"resumed {self.workdir} at epoch {meta['epoch']}, step "
+                      f"{int(state.step)}, batch {meta['loader']['batch']}", flush=True)
         elif self.is_main:
             with self._writing(CONFIG_FILE):
                 (self.workdir / CONFIG_FILE).write_text(json.dumps(
@@ -269,14 +274,15 @@ class Trainer:
         start_batch = int(meta["loader"]["batch"])
         for epoch in range(int(meta["loader"]["epoch"]), total):
             detach = epoch >= detach_epoch
-            bar = _progress(self.steps_per_epoch, epoch, total, start_batch, opts.progress)
+            bar = _progress(self.steps_per_epoch, epoch, total, start_batch,
+                            opts.progress and self.is_main)
             t0, seen = time.perf_counter(), 0  # images/s over the latest log window
             for k, batch in enumerate(self.train_loader.epoch(epoch, start_batch),
                                       start=start_batch):
-                batch = {key: batch[key] for key in ("image", "gt_boxes", "gt_labels",
-                                                     "gt_mask")}
+                batch = global_batch({key: batch[key] for key in (
+                    "image", "gt_boxes", "gt_labels", "gt_mask")}, self.mesh)
                 state, metrics = self.step_fn(state, batch, detach)
-                seen += len(batch["image"])
+                seen += len(batch["image"])  # the global batch
                 step = int(jax.device_get(state.step)) if (k + 1) % interval == 0 else None
                 if step is not None:
                     row = _fetch(metrics)
@@ -346,10 +352,10 @@ class Trainer:
     def _evaluate(self, state: TrainState, epoch: int, log: MetricsLog) -> dict:
         from nanodet_jax.train.evaluate import evaluate, format_per_class_table
 
-        ema = jax.device_get(state.ema)
+        ema = state.ema  # replicated on the mesh; every process evaluates its slice
         result = evaluate(self.model, {"params": ema["params"],
                                        "batch_stats": ema["batch_stats"]},
-                          self.val_loader, self.val_set, self.cfg)
+                          self.val_loader, self.val_set, self.cfg, mesh=self.mesh)
         metrics = dict(result.metrics)
         step = int(jax.device_get(state.step))
         with self._writing("the evaluation results"):

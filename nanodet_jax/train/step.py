@@ -8,7 +8,8 @@ EMA untouched (the update is skipped inside the step, no host sync) and is count
 
 ``detach`` is static (the reference's ``epoch >= detach_epoch``): a run compiles exactly two
 variants. The state argument is donated. Metrics stay on the device; fetch them only when
-logging.
+logging. :func:`jit_train_step` with a mesh runs the same step data-parallel over every
+device (``nanodet_jax.train.sharding``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from nanodet_jax.objective import loss_and_grads
 from nanodet_jax.train.ema import ema_update
+from nanodet_jax.train.sharding import batch_sharding, replicated
 from nanodet_jax.train.state import TrainState
 
 Array = jax.Array
@@ -70,6 +73,18 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
     return step
 
 
-def jit_train_step(step: StepFn) -> StepFn:
-    """``jax.jit`` with ``detach`` static and the state donated."""
-    return jax.jit(step, static_argnums=(2,), donate_argnums=(0,))
+def jit_train_step(step: StepFn, mesh: Mesh | None = None) -> StepFn:
+    """``jax.jit`` with ``detach`` static and the state donated.
+
+    With a ``mesh`` (:func:`nanodet_jax.train.sharding.make_mesh`) the step runs on all of
+    its devices: the state comes in and goes out replicated, the batch comes in split along
+    its leading axis over ``data`` (global ``jax.Array``s from
+    :func:`~nanodet_jax.train.sharding.global_batch`; host arrays are split by jit), the
+    metrics come out replicated. The math is the one-device step's (jit has global
+    semantics: BN statistics and losses are over the global batch).
+    """
+    if mesh is None:
+        return jax.jit(step, static_argnums=(2,), donate_argnums=(0,))
+    rep = replicated(mesh)
+    return jax.jit(step, static_argnums=(2,), donate_argnums=(0,),
+                   in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep))
