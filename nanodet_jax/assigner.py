@@ -16,9 +16,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from nanodet_jax.box_ops import bbox2distance, bbox_overlaps
 from nanodet_jax.losses import bce_with_logits
+
+BATCH_AXIS = "data"  # the mesh axis a data-parallel step splits the batch over
 
 Array = jax.Array
 
@@ -189,12 +192,25 @@ def assign_and_build_targets_batch(cls_logits: Array, decoded_bboxes: Array, pri
 
     cls_logits ``(B, P, C)``, decoded_bboxes ``(B, P, 4)``, priors ``(P, 4)`` (shared),
     gt_boxes ``(B, G, 4)``, gt_labels ``(B, G)``, gt_mask ``(B, G)``; outputs get a ``B`` axis.
+
+    Traced under a mesh with a :data:`BATCH_AXIS` axis (the data-parallel train step sets
+    one, ``jax.sharding.use_abstract_mesh``), the images are assigned under ``shard_map``
+    over that axis: each device assigns its own images. (XLA does not partition its TopK
+    along batch dimensions: plain ``vmap`` would all-gather the ``(B, G, P)`` costs and
+    assign the whole batch on every device.) The result is the same either way.
     """
-    def one(x, b, g, l, m):
-        return assign_and_build_targets(x, b, priors, g, l, m, num_classes, reg_max, topk,
+    def one(x, b, g, l, m, pr):
+        return assign_and_build_targets(x, b, pr, g, l, m, num_classes, reg_max, topk,
                                         iou_factor)
 
-    return jax.vmap(one)(cls_logits, decoded_bboxes, gt_boxes, gt_labels, gt_mask)
+    batched = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None))
+    mesh = jax.sharding.get_abstract_mesh()
+    n = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(BATCH_AXIS, 1) if mesh.axis_names else 1
+    if n > 1 and cls_logits.shape[0] % n == 0:
+        ax = PartitionSpec(BATCH_AXIS)
+        batched = jax.shard_map(batched, in_specs=(ax, ax, ax, ax, ax, PartitionSpec()),
+                                out_specs=ax)
+    return batched(cls_logits, decoded_bboxes, gt_boxes, gt_labels, gt_mask, priors)
 
 
 def dsl_assign_batch(cls_logits: Array, decoded_bboxes: Array, priors: Array, gt_boxes: Array,

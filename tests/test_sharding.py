@@ -35,11 +35,6 @@ EVAL_ROWS = 6  # per eval batch: 4 devices pad it to 8 (rows of valid=False)
 # conv's output): on both device counts those leaves are rounding noise, ~1e-9 in the
 # gradient and ~1e-7 in a running mean, in a different order of summation.
 REL_TOL, NOISE = 1e-5, 1e-6
-TOPK_GATHER = ("XLA's TopK custom call is not partitioned along batch dimensions: the vmapped "
-               "assigner's jax.lax.top_k (nanodet_jax/assigner.py) all-gathers its (B, G, P) "
-               "operand and runs on every device; a sort-based top-k or a shard_map over the "
-               "batch there keeps it sharded")
-
 
 def tiny_config(batch: int = BATCH) -> dict:
     """The narrow NanoDet-Plus at 64x64, cut further for compile time: 3x3 depthwise kernels,
@@ -278,17 +273,13 @@ def _batch_by_points_gathers(runs) -> list[tuple[str, str, str]]:
 
 def test_step_collectives(runs):
     """What the 4-device step communicates: all-reduces (BN statistics, gradients, the loss
-    normalisers) and no all-gather of (B, P, ...) data, apart from the assigner's top-k."""
+    normalisers) and no all-gather of (B, P, ...) data: the vmapped assigner and its top-k
+    stay split along the batch (shard_map over the mesh's data axis)."""
     colls = runs[4]["result"]["collectives"]
     assert any(op == "all-reduce" for op, _, _ in colls)
     assert runs[1]["result"]["collectives"] == []
-    others = [c for c in _batch_by_points_gathers(runs) if "top_k" not in c[2]]
-    assert others == [], others
-
-
-@pytest.mark.xfail(strict=True, reason=TOPK_GATHER)
-def test_assigner_top_k_stays_sharded(runs):
-    assert _batch_by_points_gathers(runs) == []
+    gathers = _batch_by_points_gathers(runs)
+    assert gathers == [], gathers
 
 
 # -- configuration and the multi-host start (no subprocess) --------------------------------

@@ -30,9 +30,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nanodet_jax.assigner import BATCH_AXIS
 from nanodet_jax.config import ConfigError
 
-DATA = "data"  # the mesh axis the batch is split over
+DATA = BATCH_AXIS  # the mesh axis the batch is split over ("data")
 ENV = {"coordinator_address": ("NANODET_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
        "num_processes": ("NANODET_NUM_PROCESSES",),
        "process_id": ("NANODET_PROCESS_ID",)}  # config field -> environment variables

@@ -86,5 +86,12 @@ def jit_train_step(step: StepFn, mesh: Mesh | None = None) -> StepFn:
     if mesh is None:
         return jax.jit(step, static_argnums=(2,), donate_argnums=(0,))
     rep = replicated(mesh)
-    return jax.jit(step, static_argnums=(2,), donate_argnums=(0,),
+
+    def on_mesh(state: TrainState, batch: dict, detach: bool) -> tuple[TrainState, Metrics]:
+        # per-image work that XLA would not keep split (the assigner's top-k) shard_maps
+        # over the mesh it finds here
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch, detach)
+
+    return jax.jit(on_mesh, static_argnums=(2,), donate_argnums=(0,),
                    in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep))
