@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # heavy imports after argument parsing (fast --help and usage errors)
     from nanodet_jax.checkpoint import load_variables
+    from nanodet_jax.compile_cache import enable_compile_cache
     from nanodet_jax.config import ConfigError, load_config
     from nanodet_jax.data.loader import build_loader
     from nanodet_jax.data.readers import build_dataset
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         maybe_initialize_distributed(cfg)  # multi-host only; before any other JAX call
+        enable_compile_cache()
         import jax
 
         main_process = jax.process_index() == 0

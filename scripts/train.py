@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     # importing these starts no JAX backend (maybe_initialize_distributed must come first)
+    from nanodet_jax.compile_cache import enable_compile_cache
     from nanodet_jax.data.loader import DataError
     from nanodet_jax.train.loop import RunOptions, TrainingStopped, run_training
     from nanodet_jax.train.sharding import maybe_initialize_distributed
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             cfg = apply_overrides(cfg, overrides, args.config)
         maybe_initialize_distributed(cfg)  # multi-host runs only; before any other JAX call
+        enable_compile_cache()  # a rerun or resume of the same config skips the compile
         resume = args.resume or bool(cfg.schedule.get("resume"))
         workdir = args.workdir or cfg.save_dir
         metrics = run_training(cfg, workdir, RunOptions(

@@ -25,6 +25,8 @@ def pytest_configure(config):
         os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="nanodet_test_jax_cache_")
         config._nanodet_cache_dir = os.environ[CACHE_ENV]
     if os.environ.get(CACHE_ENV):
+        # the command-line tools run by tests use this cache too, not ~/.cache/nanodet_jax
+        os.environ.setdefault("NANODET_COMPILE_CACHE", os.environ[CACHE_ENV])
         import jax
 
         jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
