@@ -3,7 +3,7 @@
 Used by ``benchmarks/train.py`` for ``--reference PATH``, where PATH is a checkout of
 RangiLyu/nanodet (the directory that holds the ``nanodet/`` package) and torch is installed.
 The model is built by the reference's own code from its own YAML
-(``PATH/config/nanodet-plus-m_<size>.yml``: ``nanodet.util.cfg`` + ``load_config``, then
+(``PATH/config/nanodet-plus-<case>.yml``: ``nanodet.util.cfg`` + ``load_config``, then
 ``nanodet.model.arch.build_model``), with ``num_classes`` set to the case's and the ImageNet
 backbone download turned off. One step is what the reference's Lightning task does per batch:
 ``model.forward_train(gt_meta)`` (main head and AGM aux head, assigner, both losses),
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-YAML_TEMPLATE = "config/nanodet-plus-m_{size}.yml"
-SIZES = (320, 416)
+YAML_TEMPLATE = "config/nanodet-plus-{case}.yml"
+CASES = ("m_320", "m_416", "m-1.5x_416")  # the reference's config names
 
 
 class ReferenceUnavailable(RuntimeError):
@@ -45,9 +45,10 @@ class ReferenceUnavailable(RuntimeError):
     or unusable, or the reference's step failed (the message names PATH and the cause)."""
 
 
-def reference_yaml(path: str | os.PathLike, size: int) -> Path:
-    """The reference's own config for the m_``size`` case, inside the checkout ``path``."""
-    return Path(path) / YAML_TEMPLATE.format(size=size)
+def reference_yaml(path: str | os.PathLike, case: str) -> Path:
+    """The reference's own config for ``case`` (e.g. ``m_320``, ``m-1.5x_416``), inside the
+    checkout ``path``."""
+    return Path(path) / YAML_TEMPLATE.format(case=case)
 
 
 def to_reference_inputs(batch: Mapping[str, np.ndarray]
@@ -83,11 +84,11 @@ def _run_worker(path: str | os.PathLike, args: Sequence[str], what: str) -> dict
         return json.loads(out.read_text())
 
 
-def check_reference(path: str | os.PathLike, sizes: Sequence[int] = SIZES) -> dict:
+def check_reference(path: str | os.PathLike, cases: Sequence[str] = CASES) -> dict:
     """Check that ``path`` is a usable reference checkout with torch, before any timing.
 
     Raises :class:`ReferenceUnavailable` naming ``path`` and what is missing: the directory,
-    ``nanodet/__init__.py``, a ``config/nanodet-plus-m_<size>.yml``, torch, or an import of
+    ``nanodet/__init__.py``, a ``config/nanodet-plus-<case>.yml``, torch, or an import of
     ``nanodet.util`` / ``nanodet.model.arch`` (and its dependencies) from ``path``.
     Returns ``{"path", "torch", "nanodet_package"}``.
     """
@@ -97,21 +98,22 @@ def check_reference(path: str | os.PathLike, sizes: Sequence[int] = SIZES) -> di
         raise ReferenceUnavailable(f"--reference {path}: no such directory ({hint})")
     if not (p / "nanodet" / "__init__.py").is_file():
         raise ReferenceUnavailable(f"--reference {path}: no nanodet/__init__.py there ({hint})")
-    missing = [YAML_TEMPLATE.format(size=s) for s in sizes if not reference_yaml(p, s).is_file()]
+    missing = [YAML_TEMPLATE.format(case=c) for c in cases if not reference_yaml(p, c).is_file()]
     if missing:
         raise ReferenceUnavailable(f"--reference {path}: missing the reference configs "
                                    f"{', '.join(missing)}")
     if importlib.util.find_spec("torch") is None:
         raise ReferenceUnavailable(f"--reference {path}: torch is not installed "
                                    "(pip install torch, or the nanodet_jax[torch] extra)")
-    info = _run_worker(p.resolve(), ["check", *(f"--size={s}" for s in sizes)],
+    info = _run_worker(p.resolve(), ["check", *(f"--case={c}" for c in cases)],
                        "importing the reference package")
     return {"path": str(p.resolve()), **info}
 
 
-def time_reference_case(path: str | os.PathLike, size: int, num_classes: int,
+def time_reference_case(path: str | os.PathLike, case: str, num_classes: int,
                         batch: Mapping[str, np.ndarray], detach: bool, repeats: int) -> dict:
-    """Time the reference's train step for the m_``size`` case on ``batch`` (in a subprocess).
+    """Time the reference's train step for ``case`` (``m_320``...) on ``batch`` (in a
+    subprocess).
 
     ``batch`` is our padded numpy batch (see :func:`to_reference_inputs`). Returns
     ``{"first_step_s", "step_s_median", "step_s_min", "images_per_s", "peak_rss_mb",
@@ -122,10 +124,10 @@ def time_reference_case(path: str | os.PathLike, size: int, num_classes: int,
         np.savez(inputs, **{k: np.asarray(batch[k]) for k in
                             ("image", "gt_boxes", "gt_labels", "gt_mask")})
         return _run_worker(Path(path).expanduser().resolve(),
-                           ["time", f"--size={size}", f"--num-classes={num_classes}",
+                           ["time", f"--case={case}", f"--num-classes={num_classes}",
                             f"--inputs={inputs}", f"--repeats={repeats}"]
                            + (["--detach"] if detach else []),
-                           f"the reference step for m_{size} (batch "
+                           f"the reference step for {case} (batch "
                            f"{np.shape(batch['image'])[0]})")
 
 
@@ -148,13 +150,13 @@ def _import_reference(path: Path):
     return cfg, load_config, build_model, where
 
 
-def _reference_config(path: Path, size: int, num_classes: int | None = None):
-    """The reference's frozen config for m_``size`` (``num_classes`` set in both heads)."""
+def _reference_config(path: Path, case: str, num_classes: int | None = None):
+    """The reference's frozen config for ``case`` (``num_classes`` set in both heads)."""
     base_cfg, load_config, _, _ = _import_reference(path)
     c = base_cfg.clone()
-    load_config(c, str(reference_yaml(path, size)))
+    load_config(c, str(reference_yaml(path, case)))
     if c.model.arch.name != "NanoDetPlus":
-        raise ValueError(f"{reference_yaml(path, size)}: arch {c.model.arch.name!r}, "
+        raise ValueError(f"{reference_yaml(path, case)}: arch {c.model.arch.name!r}, "
                          "expected NanoDetPlus")
     c.defrost()
     c.model.arch.backbone.pretrain = False  # no ImageNet download; timing only
@@ -165,23 +167,23 @@ def _reference_config(path: Path, size: int, num_classes: int | None = None):
     return c
 
 
-def _worker_check(path: Path, sizes: Sequence[int]) -> dict:
+def _worker_check(path: Path, cases: Sequence[str]) -> dict:
     import torch
 
     *_, where = _import_reference(path)
-    for s in sizes:
-        _reference_config(path, s)
+    for c in cases:
+        _reference_config(path, c)
     return {"torch": torch.__version__, "nanodet_package": str(where)}
 
 
-def _worker_time(path: Path, size: int, num_classes: int, inputs: Path, detach: bool,
+def _worker_time(path: Path, case: str, num_classes: int, inputs: Path, detach: bool,
                  repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     _, _, build_model, _ = _import_reference(path)
-    c = _reference_config(path, size, num_classes)
+    c = _reference_config(path, case, num_classes)
     with np.load(inputs) as f:
         img, gt_bboxes, gt_labels = to_reference_inputs(dict(f))
     w, h = c.data.train.input_size
@@ -247,16 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mode", choices=("check", "time"))
     p.add_argument("--reference", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--size", type=int, action="append", required=True)
+    p.add_argument("--case", action="append", required=True)
     p.add_argument("--num-classes", type=int)
     p.add_argument("--inputs", type=Path)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--detach", action="store_true")
     a = p.parse_args(argv)
     if a.mode == "check":
-        res = _worker_check(a.reference, a.size)
+        res = _worker_check(a.reference, a.case)
     else:
-        res = _worker_time(a.reference, a.size[0], a.num_classes, a.inputs, a.detach,
+        res = _worker_time(a.reference, a.case[0], a.num_classes, a.inputs, a.detach,
                            a.repeats)
     a.out.write_text(json.dumps(res))
     return 0

@@ -1,8 +1,8 @@
 """Benchmark: the jitted training step (forward with the AGM, assignment, both losses,
 gradients, clip, AdamW, EMA) on random data.
 
-For m_320 and m_416 (``configs/``) at batch 8 and 16, before and after detach: compile time,
-median step time, images/s and the process's peak resident memory. Batches are random
+For m_320, m_416 and m-1.5x_416 (``configs/``) at batch 8 and 16, before and after detach:
+compile time, median step time, images/s and the process's peak resident memory. Batches are random
 images with 20 random GT boxes each (padded to 32). ``--quick``: ShuffleNetV2 0.5x with a
 narrow neck/heads at 128x128, batch 8, before detach only. Next to the step, ``data_loader``
 holds the loader's images/s for the same input sizes (:mod:`benchmarks.data`: 0, 1 and 2
@@ -38,6 +38,9 @@ from nanodet_jax.train.state import create_train_state
 from nanodet_jax.train.step import jit_train_step, make_train_step
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# (reference config name, our config file): config/nanodet-plus-<name>.yml there
+CASES = (("m_320", "nanodet_plus_m_320.py"), ("m_416", "nanodet_plus_m_416.py"),
+         ("m-1.5x_416", "nanodet_plus_m_1.5x_416.py"))
 
 
 def tiny_config(size: int = 128, num_classes: int = 5):
@@ -109,15 +112,15 @@ def run(args) -> dict:
     if ref_info:
         out["reference"] = {**ref_info, "step": "forward_train (head + AGM aux head, assigner, "
                             "losses) + backward + clip_grad_norm_ + optimizer step + EMA"}
-    for size in (320, 416):
-        cfg = load_config(CONFIG_DIR / f"nanodet_plus_m_{size}.py")
+    for case_name, config_file in CASES:
+        cfg = load_config(CONFIG_DIR / config_file)
         cfg.model.arch.backbone.pretrain = False
         for b in (8, 16):
             for detach in (False, True):
-                name = f"m_{size}_b{b}_{'after' if detach else 'before'}_detach"
+                name = f"{case_name}_b{b}_{'after' if detach else 'before'}_detach"
                 case = out["cases"][name] = time_step(cfg, b, detach, repeats)
                 if reference:
-                    ref = time_reference_case(reference, size,
+                    ref = time_reference_case(reference, case_name,
                                               int(cfg.model.arch.head.num_classes),
                                               case_batch(cfg, b), detach, repeats)
                     case["reference"] = ref
