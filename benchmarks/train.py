@@ -18,6 +18,7 @@ are checked before any timing starts.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import resource
 import statistics
@@ -96,9 +97,11 @@ def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
 
 
 def run(args) -> dict:
-    """The train suite: ``args.quick``, ``args.repeats``, ``args.reference`` (PATH or None)."""
+    """The train suite: ``args.quick``, ``args.repeats``, ``args.reference`` (PATH or None),
+    ``args.cases`` (shell pattern of case names to run, default all)."""
     quick = getattr(args, "quick", False)
     reference = getattr(args, "reference", None)
+    pattern = getattr(args, "cases", "*") or "*"
     if reference and quick:
         raise ValueError("--reference times the m_320/m_416 cases: it does not go with --quick")
     ref_info = check_reference(reference) if reference else None  # fail before any timing
@@ -118,6 +121,8 @@ def run(args) -> dict:
         for b in (8, 16):
             for detach in (False, True):
                 name = f"{case_name}_b{b}_{'after' if detach else 'before'}_detach"
+                if not fnmatch.fnmatchcase(name, pattern):
+                    continue
                 case = out["cases"][name] = time_step(cfg, b, detach, repeats)
                 if reference:
                     ref = time_reference_case(reference, case_name,

@@ -72,3 +72,20 @@ def test_to_reference_inputs_is_nchw_and_drops_padding():
         assert labels[i].dtype == np.int64
         np.testing.assert_array_equal(boxes[i], batch["gt_boxes"][i][m])
         np.testing.assert_array_equal(labels[i], batch["gt_labels"][i][m])
+
+
+def test_train_suite_runs_only_the_selected_cases(monkeypatch):
+    timed = []
+    monkeypatch.setattr(train_suite, "time_step",
+                        lambda cfg, b, detach, repeats: timed.append((b, detach)) or {})
+    monkeypatch.setattr(train_suite.data_bench, "run", lambda args: {})
+    out = train_suite.run(Namespace(quick=False, repeats=2, reference=None,
+                                    cases="m-1.5x_416_b8_*"))
+    assert sorted(out["cases"]) == ["m-1.5x_416_b8_after_detach", "m-1.5x_416_b8_before_detach"]
+    assert timed == [(8, False), (8, True)]
+
+
+def test_cli_cases_only_with_train(capsys):
+    with pytest.raises(SystemExit):
+        _benchmark_main()(["--suite", "loss", "--cases", "m_320_*"])
+    assert "--cases goes with --suite train only" in capsys.readouterr().err
