@@ -2,10 +2,11 @@
 
 Compiling the train step takes about a minute on a CPU (tens of seconds on a GPU); a resumed
 run, a second run of the same config, or ``scripts/eval.py`` after training would compile the
-same programs again. :func:`enable_compile_cache` points JAX's persistent cache at
+same programs again. :func:`enable_compile_cache` leaves an already configured JAX cache
+(``JAX_COMPILATION_CACHE_DIR`` / ``jax_compilation_cache_dir``, with its own settings) alone;
+otherwise it points JAX's persistent cache at
 
 * ``$NANODET_COMPILE_CACHE`` if set (``off``/``0``/empty disables it),
-* else an already configured ``JAX_COMPILATION_CACHE_DIR`` (left untouched),
 * else ``$XDG_CACHE_HOME/nanodet_jax/xla`` (``~/.cache/nanodet_jax/xla``).
 
 JAX keys every entry by the program, the jax/jaxlib versions, the backend, the device kind
@@ -33,12 +34,12 @@ def enable_compile_cache() -> Path | None:
     directory, or None when disabled. An unwritable directory only disables the cache."""
     import jax
 
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return Path(configured)
     setting = os.environ.get(ENV)
     if setting is not None and setting.strip().lower() in ("", "0", "off", "false", "no"):
         return None
-    configured = jax.config.jax_compilation_cache_dir
-    if setting is None and configured:
-        return Path(configured)
     path = Path(setting).expanduser() if setting else default_cache_dir()
     try:
         path.mkdir(parents=True, exist_ok=True)

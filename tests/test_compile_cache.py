@@ -12,6 +12,7 @@ from nanodet_jax.compile_cache import ENV, default_cache_dir, enable_compile_cac
 def restore_jax_cache_config():
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     saved = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", None)  # the suite's own cache is set
     yield
     for k, v in saved.items():
         jax.config.update(k, v)
@@ -33,10 +34,13 @@ def test_environment_path_is_created_and_used(monkeypatch, tmp_path, restore_jax
 
 def test_existing_jax_setting_is_kept_else_the_user_cache(monkeypatch, tmp_path,
                                                         restore_jax_cache_config):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, str(tmp_path / "ours"))
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
-    assert enable_compile_cache() == tmp_path / "mine"
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    assert enable_compile_cache() == tmp_path / "mine"  # left alone, settings included
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
     jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.delenv(ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "nanodet_jax" / "xla"
     assert enable_compile_cache() == default_cache_dir() and default_cache_dir().is_dir()
