@@ -30,3 +30,12 @@ def check(got, ref, name: str, elementwise_scale: str) -> tuple[float, float]:
     bound = TOL * (1.0 + (np.abs(ref) if elementwise_scale == "elem" else np.abs(ref).max()))
     assert np.all(d <= bound), f"{name}: max elementwise error {d.max():.2e}"
     return rel, float(d.max())
+
+
+def compare(fn, reference, x, kernel, cot, scales: tuple[str, str, str]) -> None:
+    """``fn(x, kernel)`` against ``reference(x, kernel)``: output, ``dx`` and ``dkernel`` for
+    the cotangent ``cot``, each with :func:`check` and its ``scales`` entry."""
+    got = value_and_vjp(fn)(x, kernel, cot)
+    ref = value_and_vjp(reference)(x, kernel, cot)
+    for name, g, r, scale in zip(("y", "dx", "dkernel"), got, ref, scales):
+        check(g, r, name, scale)

@@ -17,7 +17,7 @@ from jax import lax
 
 from nanodet_jax.models import dense_conv as dc
 from nanodet_jax.models.dense_conv import dense_conv, tap_weight_grad
-from tests.conv_check import TOL, check, value_and_vjp
+from tests.conv_check import TOL, check, compare, value_and_vjp
 
 
 def _reference(x, kernel, stride, padding):
@@ -38,11 +38,9 @@ def _inputs(n, h, w, cin, cout, k, stride, padding, seed=0):
 
 
 def _compare(impl, n, h, w, cin, cout, k, stride, padding):
-    x, kernel, cot = _inputs(n, h, w, cin, cout, k, stride, padding)
-    ref = value_and_vjp(lambda a, b: _reference(a, b, stride, padding))(x, kernel, cot)
-    got = value_and_vjp(lambda a, b: dense_conv(a, b, stride, padding, impl))(x, kernel, cot)
-    for name, g, r, scale in zip(("y", "dx", "dkernel"), got, ref, ("max", "max", "max")):
-        check(g, r, name, scale)
+    compare(lambda a, b: dense_conv(a, b, stride, padding, impl),
+            lambda a, b: _reference(a, b, stride, padding),
+            *_inputs(n, h, w, cin, cout, k, stride, padding), scales=("max", "max", "max"))
 
 
 # (N, H, W, C_in, C_out, k, stride, padding) and which branch it exercises on CPU

@@ -21,9 +21,8 @@ import pytest
 from jax import lax
 
 from nanodet_jax.models.depthwise import depthwise_conv, resolve_impl
-from tests.conv_check import TOL
+from tests.conv_check import TOL, compare
 from tests.conv_check import check as _check
-from tests.conv_check import value_and_vjp as _value_and_vjp
 
 
 def _reference(x, kernel, stride, padding):
@@ -43,11 +42,9 @@ def _inputs(n, h, w, c, kh, kw, stride, padding, seed=0):
 
 
 def _compare(impl, n, h, w, c, kh, kw, stride, padding):
-    x, kernel, cot = _inputs(n, h, w, c, kh, kw, stride, padding)
-    ref = _value_and_vjp(lambda a, b: _reference(a, b, stride, padding))(x, kernel, cot)
-    got = _value_and_vjp(lambda a, b: depthwise_conv(a, b, stride, padding, impl))(x, kernel, cot)
-    for name, g, r, scale in zip(("y", "dx", "dkernel"), got, ref, ("elem", "elem", "max")):
-        _check(g, r, name, scale)
+    compare(lambda a, b: depthwise_conv(a, b, stride, padding, impl),
+            lambda a, b: _reference(a, b, stride, padding),
+            *_inputs(n, h, w, c, kh, kw, stride, padding), scales=("elem", "elem", "max"))
 
 
 # (N, H, W, C, k, stride): every k in {3, 5} x stride in {1, 2} x size in {7x9, 10x10, 13x13,
