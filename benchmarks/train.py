@@ -31,12 +31,7 @@ import numpy as np
 from benchmarks import data as data_bench
 from benchmarks.reference_train import check_reference, time_reference_case
 from nanodet_jax.config import load_config, nanodet_plus_tiny, validate
-from nanodet_jax.models import build_model, init_train_variables
-from nanodet_jax.objective import make_objective
-from nanodet_jax.train.optim import make_optimizer
-from nanodet_jax.train.schedule import make_lr_schedule
-from nanodet_jax.train.state import create_train_state
-from nanodet_jax.train.step import jit_train_step, make_train_step
+from nanodet_jax.train.step import fresh_train_step
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # (reference config name, our config file): config/nanodet-plus-<name>.yml there
@@ -72,12 +67,7 @@ def case_batch(cfg, batch_size: int) -> dict:
 
 def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
     """Compile + time the train step of ``cfg`` at ``batch_size`` (state donated)."""
-    model = build_model(cfg)
-    optimizer = make_optimizer(cfg, 100)
-    step = jit_train_step(make_train_step(make_objective(model, cfg), optimizer,
-                                          make_lr_schedule(cfg.schedule, 100)))
-    state = create_train_state(init_train_variables(cfg, jax.random.PRNGKey(0)), optimizer,
-                               jax.random.PRNGKey(1))
+    step, state = fresh_train_step(cfg, 100)
     batch = jax.device_put(case_batch(cfg, batch_size))
     t0 = time.perf_counter()
     state, m = step(state, batch, detach)

@@ -10,12 +10,8 @@ import pytest
 from nanodet_jax.config import ConfigError, nanodet_plus_tiny, validate
 from nanodet_jax.data.synthetic import CLASS_NAMES, make_scene, scene_rng
 from nanodet_jax.models import build_model, init_train_variables
-from nanodet_jax.objective import make_objective
 from nanodet_jax.precision import compute_dtype
-from nanodet_jax.train.optim import make_optimizer
-from nanodet_jax.train.schedule import make_lr_schedule
-from nanodet_jax.train.state import create_train_state
-from nanodet_jax.train.step import jit_train_step, make_train_step
+from nanodet_jax.train.step import fresh_train_step
 
 SIZE = 96
 BF16_REL = 2e-2  # relative-norm bound for bf16 outputs (8 mantissa bits: ~4e-3 per op)
@@ -66,12 +62,7 @@ def test_bf16_trains_with_float32_state():
     """The loss falls over 30 steps on 8 synthetic scenes; params, optimizer state, EMA and
     BN statistics stay float32; the step's losses are float32."""
     cfg = _cfg(16)
-    model = build_model(cfg)
-    optimizer = make_optimizer(cfg, 100)
-    step = jit_train_step(make_train_step(make_objective(model, cfg), optimizer,
-                                          make_lr_schedule(cfg.schedule, 100)))
-    state = create_train_state(init_train_variables(cfg, jax.random.PRNGKey(0)), optimizer,
-                               jax.random.PRNGKey(1))
+    step, state = fresh_train_step(cfg, 100)
     batch = jax.device_put(_batch())
     losses = []
     for _ in range(30):

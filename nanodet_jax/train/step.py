@@ -95,3 +95,22 @@ def jit_train_step(step: StepFn, mesh: Mesh | None = None) -> StepFn:
 
     return jax.jit(on_mesh, static_argnums=(2,), donate_argnums=(0,),
                    in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep))
+
+
+def fresh_train_step(cfg: Any, steps_per_epoch: int, seed: int = 0) -> tuple[StepFn, TrainState]:
+    """The jitted step of ``cfg`` (its model, optimizer and lr schedule for
+    ``steps_per_epoch``) and a freshly initialised state (``PRNGKey(seed)`` for the weights,
+    ``PRNGKey(seed + 1)`` for the state's RNG): what benchmarks and tests train from."""
+    from nanodet_jax.models import build_model, init_train_variables
+    from nanodet_jax.objective import make_objective
+    from nanodet_jax.train.optim import make_optimizer
+    from nanodet_jax.train.schedule import make_lr_schedule
+    from nanodet_jax.train.state import create_train_state
+
+    model = build_model(cfg)
+    optimizer = make_optimizer(cfg, steps_per_epoch)
+    step = jit_train_step(make_train_step(make_objective(model, cfg), optimizer,
+                                          make_lr_schedule(cfg.schedule, steps_per_epoch)))
+    state = create_train_state(init_train_variables(cfg, jax.random.PRNGKey(seed)), optimizer,
+                               jax.random.PRNGKey(seed + 1))
+    return step, state
