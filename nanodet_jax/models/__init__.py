@@ -93,12 +93,25 @@ def build_model(cfg: Any, with_aux: bool = True) -> NanoDetPlus:
                        aux_head=aux_head)
 
 
+# The init program is ~200 random-number generators (one threefry hash per weight), no
+# model compute (XLA drops the unused forward): LLVM optimisation buys nothing at run time
+# (0.1 s) but costs ~9 s of its ~23 s compile on a CPU, so it is compiled at level 0.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 @functools.lru_cache(maxsize=8)
 def _jitted_init(model: NanoDetPlus, input_hw: tuple[int, int]) -> Callable:
-    """``rng -> model.init(rng, zeros (1, H, W, 3), train=True)``, jitted (and so compiled)
-    once per equal model and input size."""
+    """``rng -> model.init(rng, zeros (1, H, W, 3), train=True)``, jitted."""
     shape = (1, *input_hw, 3)
     return jax.jit(lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(model: NanoDetPlus, input_hw: tuple[int, int],
+                   key: jax.ShapeDtypeStruct) -> Callable:
+    """:func:`_jitted_init` compiled once per equal model, input size and key type."""
+    return _jitted_init(model, input_hw).lower(key).compile(
+        compiler_options=INIT_COMPILER_OPTIONS)
 
 
 def init_variables(model: NanoDetPlus, rng: jax.Array,
@@ -108,7 +121,11 @@ def init_variables(model: NanoDetPlus, rng: jax.Array,
     Runs a train-mode trace so the AGM exists, then copies ``fpn`` into ``aux_fpn``
     (the reference deep-copies the initialised neck, so both start identical).
     """
-    variables = _jitted_init(model, tuple(input_hw))(rng)
+    if isinstance(rng, jax.core.Tracer):  # traced (e.g. under jax.eval_shape)
+        variables = _jitted_init(model, tuple(input_hw))(rng)
+    else:
+        key = jax.ShapeDtypeStruct(rng.shape, rng.dtype)
+        variables = _compiled_init(model, tuple(input_hw), key)(rng)
     variables = jax.tree_util.tree_map(lambda a: a, variables)  # plain dicts, fresh leaves
     if model.has_aux:
         for col in ("params", "batch_stats"):

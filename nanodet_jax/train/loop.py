@@ -40,6 +40,7 @@ from nanodet_jax.train.schedule import make_lr_schedule
 from nanodet_jax.train.sharding import check_batch_divides, global_batch, make_mesh, replicate
 from nanodet_jax.train.state import TrainState, create_train_state
 from nanodet_jax.train.step import jit_train_step, make_train_step
+from nanodet_jax.train.variants import StepVariants
 
 CONFIG_FILE = "config.json"
 MAX_BAD_STEPS = 5  # non-finite steps in a row that stop a run
@@ -265,14 +266,31 @@ class Trainer:
 
     def _epochs(self, state: TrainState, meta: dict, ckpts: TrainCheckpoints,
                 log: MetricsLog) -> dict:
+        """Compile the step variants this run needs (in the background), then train."""
+        total = int(self.cfg.schedule.total_epochs)
+        detach_epoch = int(self.cfg.model.arch.detach_epoch)
+        start_batch = int(meta["loader"]["batch"])
+        first_epoch = int(meta["loader"]["epoch"])
+        last_epoch = total - 1
+        if self.opts.max_steps:  # the epoch of the last step this run will do
+            last_epoch = min(last_epoch,
+                             (int(self.opts.max_steps) - 1) // self.steps_per_epoch)
+        self.step_variants = StepVariants(self.step_fn, needed=[
+            e >= detach_epoch for e in range(first_epoch, last_epoch + 1)])
+        try:
+            return self._train_epochs(state, meta, ckpts, log, first_epoch, start_batch)
+        finally:
+            self.step_variants.close()
+
+    def _train_epochs(self, state: TrainState, meta: dict, ckpts: TrainCheckpoints,
+                      log: MetricsLog, first_epoch: int, start_batch: int) -> dict:
         cfg, opts = self.cfg, self.opts
         total = int(cfg.schedule.total_epochs)
         detach_epoch = int(cfg.model.arch.detach_epoch)
         interval = max(1, int(cfg.log.interval))
         val_every = int(cfg.schedule.val_intervals)
         last_eval: dict = {}
-        start_batch = int(meta["loader"]["batch"])
-        for epoch in range(int(meta["loader"]["epoch"]), total):
+        for epoch in range(first_epoch, total):
             detach = epoch >= detach_epoch
             bar = _progress(self.steps_per_epoch, epoch, total, start_batch,
                             opts.progress and self.is_main)
@@ -281,7 +299,7 @@ class Trainer:
                                       start=start_batch):
                 batch = global_batch({key: batch[key] for key in (
                     "image", "gt_boxes", "gt_labels", "gt_mask")}, self.mesh)
-                state, metrics = self.step_fn(state, batch, detach)
+                state, metrics = self.step_variants(state, batch, detach)
                 seen += len(batch["image"])  # the global batch
                 step = int(jax.device_get(state.step)) if (k + 1) % interval == 0 else None
                 if step is not None:
@@ -339,10 +357,7 @@ class Trainer:
         """A closing ``summary`` row: steps, skipped updates and how many variants of the
         step were compiled (2 when the run crossed ``detach_epoch``; more means an
         unexpected recompilation)."""
-        try:
-            compiled = int(self.step_fn._cache_size())
-        except AttributeError:  # not a jitted function (tests) or an older JAX
-            compiled = None
+        compiled = self.step_variants.compiled
         with self._writing("metrics.jsonl"):
             log.write({"step": int(jax.device_get(state.step)),
                        "skipped": int(state.skipped), "compiled_step_variants": compiled},
