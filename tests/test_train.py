@@ -31,7 +31,12 @@ from nanodet_jax.data.synthetic import (
     split_paths,
     write_synthetic_dataset,
 )
-from nanodet_jax.train.checkpoints import ResumeError, TrainCheckpoints, read_state
+from nanodet_jax.train.checkpoints import (
+    ResumeError,
+    TrainCheckpoints,
+    load_ema_variables,
+    read_state,
+)
 from nanodet_jax.train.loop import (
     CHECKPOINT_WRITE_ERRORS,
     RunOptions,
@@ -54,7 +59,8 @@ LOSS_KEYS = ("loss", "loss_qfl", "loss_bbox", "loss_dfl", "aux_loss_qfl", "aux_l
 
 def tiny_run_config(root: Path, detach_epoch: int = 2, **schedule) -> dict:
     """The narrow model on the synthetic set in ``root``: batch 8, 24 epochs of 8 steps,
-    detach from epoch ``detach_epoch`` on, evaluation every 8 epochs."""
+    detach from epoch ``detach_epoch`` on, evaluation every 8 epochs, every epoch's
+    checkpoint kept."""
     raw = nanodet_plus_tiny(SIZE, CLASS_NAMES)
     raw["model"]["arch"]["detach_epoch"] = detach_epoch
     for split in ("train", "val"):
@@ -67,7 +73,7 @@ def tiny_run_config(root: Path, detach_epoch: int = 2, **schedule) -> dict:
                                         "eta_min": 1e-4},
                            optimizer={"name": "AdamW", "lr": 0.004, "weight_decay": 0.05})
     raw["schedule"].update(schedule)
-    raw["log"]["interval"] = 2
+    raw["log"].update(interval=2, keep_checkpoints=24)  # all kept: resume compares step 72
     return raw
 
 
@@ -140,7 +146,7 @@ def test_run_writes_its_workdir(run):
     assert [r["epoch"] for r in val] == [7, 15, 23] and all(set(COCO_KEYS) <= set(r) for r in val)
     assert [r["step"] for r in val] == [64, 128, 192]
     steps = sorted(int(d.name) for d in (w / "checkpoints").iterdir() if d.name.isdigit())
-    assert steps[-1] == 192 and len(steps) <= 3
+    assert steps == list(range(8, 193, 8))
     assert cv2.imread(str(w / "curves.png")) is not None
     table = (w / "per_class_ap.txt").read_text()
     assert all(name in table for name in CLASS_NAMES)
@@ -189,18 +195,13 @@ def test_resume_with_changed_config_is_refused(run, data_root):
                                             num_workers=0))
 
 
-def _final_state(workdir: Path) -> dict:
-    ckpt = workdir / "checkpoints"
-    step = max(int(d.name) for d in ckpt.iterdir() if d.name.isdigit())
-    return read_state(ckpt / str(step))
-
-
 def test_resume_after_sigkill_is_bit_identical(cli, run):
-    """The same run, SIGKILLed after a mid-epoch checkpoint and resumed with --resume, ends
-    bit-identical to the uninterrupted one: params, BN statistics, optimizer state, EMA,
-    counters, and every logged loss and evaluation after the resume (the loader resumes
-    mid-epoch; detach_epoch and all evaluations come after the resume)."""
-    mid = 6
+    """The same run, SIGKILLed after a mid-epoch checkpoint (step 6) and resumed with
+    --resume up to step 72, is bit-identical there to the uninterrupted run's checkpoint of
+    step 72: params, BN statistics, optimizer state, EMA, counters; and every logged loss and
+    the evaluation (step 64) after the resume are equal (the loader resumes mid-epoch;
+    detach_epoch and the evaluation come after the resume)."""
+    mid, k = 6, 72
     killed = cli["tmp"] / "killed"
     proc = cli["start"]("--workdir", str(killed), "--checkpoint-steps", str(mid))
     target = killed / "checkpoints" / str(mid)
@@ -210,19 +211,23 @@ def test_resume_after_sigkill_is_bit_identical(cli, run):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert target.is_dir(), "the run never wrote its mid-epoch checkpoint"
-    cli["run_to_end"]("--workdir", str(killed), "--resume")
-    a, b = _final_state(run["workdir"]), _final_state(killed)
-    assert int(a["step"]) == int(b["step"]) == 192 and sorted(a) == sorted(b)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    cli["run_to_end"]("--workdir", str(killed), "--resume", "--max-steps", str(k))
+    a = read_state(run["workdir"] / "checkpoints" / str(k))
+    b = read_state(killed / "checkpoints" / str(k))
+    assert int(a["step"]) == int(b["step"]) == k and sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     resumed = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    def timeless(rows):
-        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
-    for kind in ("val", "summary"):
-        assert timeless(r for r in resumed if r["kind"] == kind) == timeless(_rows(run, kind))
-    tail = [r for r in resumed if r["kind"] == "train"][-10:]
-    assert [r["loss"] for r in tail] == [r["loss"] for r in _rows(run, "train")[-10:]]
+    def upto_k(rows):  # per step the last row (the killed run may have logged past `mid`)
+        last = {r["step"]: {key: v for key, v in r.items()
+                            if key not in ("wall_s", "images_per_s")}
+                for r in rows if r.get("step") is not None and mid < r["step"] <= k}
+        return [last[step] for step in sorted(last)]
+
+    for kind in ("val", "train"):
+        got = upto_k(r for r in resumed if r["kind"] == kind)
+        assert got and got == upto_k(_rows(run, kind)), kind
 
 
 def test_bad_config_fails_before_writing(data_root, tmp_path):
@@ -324,11 +329,18 @@ def test_checkpoint_round_trip_is_exact_and_checks_the_structure(tmp_path):
     assert len(saved) == len(jax.tree.leaves(state))
     np.testing.assert_array_equal(saved["ema/params/w"], state.ema["params"]["w"])
     assert int(saved["step"]) == 1
+    for later in (2, 3):  # keep=2: the oldest is dropped, the best kept apart
+        ckpts.save(state.replace(step=jnp.int32(later)), {"epoch": later})
+    assert list(ckpts.latest.all_steps()) == [2, 3] and list(ckpts.best.all_steps()) == [1]
     other = fresh.replace(params={"w": jnp.ones(4), "b": jnp.ones(1)})
     with pytest.raises(ResumeError, match=r"(?s)missing in the checkpoint: params/b.*"
                        r"params/w: saved float32\[3\], this state has float32\[4\]"):
         ckpts.restore(other)
     ckpts.close()
+    old = tmp_path / "old_run" / "checkpoints" / "8" / "state"  # one-array-per-leaf format
+    old.mkdir(parents=True)
+    with pytest.raises(ValueError, match="without 'layout', written by an older nanodet_jax"):
+        load_ema_variables(tmp_path / "old_run")
 
 
 def test_non_finite_steps_in_a_row_stop_the_run(cli, data_root, tmp_path):

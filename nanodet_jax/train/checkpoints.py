@@ -177,6 +177,11 @@ class TrainCheckpoints:
         step = mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.workdir / which}")
+        step_dir = self.workdir / which / str(step)
+        if not (step_dir / "layout").is_dir():
+            raise ResumeError(f"{step_dir} has no 'layout': it was written by an older "
+                              "nanodet_jax (one array per leaf) that this version cannot "
+                              "resume; start a new run in another --workdir")
         packed, layout, meta = _unpacked(mngr.restore(step, args=ocp.args.Composite(
             **_RESTORE_ARGS)))
         return unpack_state(packed, layout, template), meta
@@ -193,9 +198,13 @@ def _step_dir(path: Path) -> Path | None:
         return path
     root = path / BEST if (path / BEST).is_dir() else \
         path / LATEST if (path / LATEST).is_dir() else path
-    steps = sorted((int(d.name), d) for d in root.iterdir()
-                   if d.is_dir() and d.name.isdigit() and (d / "layout").is_dir()) \
+    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.isdigit()] \
         if root.is_dir() else []
+    steps = sorted((int(d.name), d) for d in dirs if (d / "layout").is_dir())
+    if not steps and ((path / "state").is_dir() or any((d / "state").is_dir() for d in dirs)):
+        raise ValueError(f"{path}: a training checkpoint without 'layout', written by an older "
+                         "nanodet_jax (one array per leaf); this version reads the packed "
+                         "format only")
     return steps[-1][1] if steps else None
 
 
