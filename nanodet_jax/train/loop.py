@@ -256,41 +256,37 @@ class Trainer:
         with self._writing("metrics.jsonl"):
             log = MetricsLog(self.workdir, enabled=self.is_main)
         self._ckpts = ckpts
+        # every step variant this run needs, compiled side by side in the background
+        self.step_variants = StepVariants(self.step_fn, needed=self._variants_needed(meta))
         last_eval: dict = {}
         try:
             last_eval = self._epochs(state, meta, ckpts, log)
         finally:
+            self.step_variants.close()
             ckpts.close()
             log.close()
         return last_eval
 
-    def _epochs(self, state: TrainState, meta: dict, ckpts: TrainCheckpoints,
-                log: MetricsLog) -> dict:
-        """Compile the step variants this run needs (in the background), then train."""
-        total = int(self.cfg.schedule.total_epochs)
-        detach_epoch = int(self.cfg.model.arch.detach_epoch)
-        start_batch = int(meta["loader"]["batch"])
-        first_epoch = int(meta["loader"]["epoch"])
-        last_epoch = total - 1
+    def _variants_needed(self, meta: dict) -> list[bool]:
+        """``detach`` of every epoch this run will train, from where it starts to
+        ``total_epochs`` or ``--max-steps``."""
+        last_epoch = int(self.cfg.schedule.total_epochs) - 1
         if self.opts.max_steps:  # the epoch of the last step this run will do
             last_epoch = min(last_epoch,
                              (int(self.opts.max_steps) - 1) // self.steps_per_epoch)
-        self.step_variants = StepVariants(self.step_fn, needed=[
-            e >= detach_epoch for e in range(first_epoch, last_epoch + 1)])
-        try:
-            return self._train_epochs(state, meta, ckpts, log, first_epoch, start_batch)
-        finally:
-            self.step_variants.close()
+        detach_epoch = int(self.cfg.model.arch.detach_epoch)
+        return [e >= detach_epoch for e in range(int(meta["loader"]["epoch"]), last_epoch + 1)]
 
-    def _train_epochs(self, state: TrainState, meta: dict, ckpts: TrainCheckpoints,
-                      log: MetricsLog, first_epoch: int, start_batch: int) -> dict:
+    def _epochs(self, state: TrainState, meta: dict, ckpts: TrainCheckpoints,
+                log: MetricsLog) -> dict:
         cfg, opts = self.cfg, self.opts
         total = int(cfg.schedule.total_epochs)
         detach_epoch = int(cfg.model.arch.detach_epoch)
         interval = max(1, int(cfg.log.interval))
         val_every = int(cfg.schedule.val_intervals)
         last_eval: dict = {}
-        for epoch in range(first_epoch, total):
+        start_batch = int(meta["loader"]["batch"])
+        for epoch in range(int(meta["loader"]["epoch"]), total):
             detach = epoch >= detach_epoch
             bar = _progress(self.steps_per_epoch, epoch, total, start_batch,
                             opts.progress and self.is_main)
