@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmarks with JSON output.
 
-    python scripts/benchmark.py --suite depthwise|loss|inference|data|train|all [--out results.json]
+    python scripts/benchmark.py --suite depthwise|max_pool|loss|inference|data|train|all \
+        [--out results.json]
     python scripts/benchmark.py --suite train --reference PATH   # + the PyTorch reference's step
 
 Run from a repository checkout: each suite lives in the top-level ``benchmarks/<suite>.py``

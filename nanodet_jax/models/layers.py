@@ -236,12 +236,6 @@ class DepthwiseConvModule(nn.Module):
         return act(BatchNorm(use_running_average=not train, name="pwnorm")(x))
 
 
-def max_pool_3x3_s2(x: Array) -> Array:
-    """3x3 / stride 2 / pad 1 max pool with -inf padding (PyTorch ``MaxPool2d``), NHWC."""
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                             ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-
 def _upsample_axis(x: Array, axis: int) -> Array:
     """x2 linear upsampling along one axis, half-pixel centres, edge clamp.
 

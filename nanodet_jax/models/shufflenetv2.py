@@ -17,8 +17,8 @@ from nanodet_jax.models.layers import (
     Conv2d,
     activation_fn,
     inverse_in_channels,
-    max_pool_3x3_s2,
 )
+from nanodet_jax.models.max_pool import max_pool_3x3_s2
 
 Array = jax.Array
 
