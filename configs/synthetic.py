@@ -12,11 +12,14 @@ Model: :func:`nanodet_jax.config.nanodet_plus_tiny` (ShuffleNetV2 0.5x, Ghost-PA
 width 32) with the AGM's SimpleConvHead at width 32 (the tiny preset's 64 costs 2.3x the
 FLOPs per image for no gain in a run this short), trained from scratch at 128x128.
 
-Schedule (measured on a 2-core CPU: ~57 img/s, see the README): batch 16, 187 steps/epoch,
-18 epochs (3366 steps, ~54k images), AdamW lr 0.012 with a 100-step linear warmup and cosine
-to 1e-4 over the 18 epochs, evaluation every 2 epochs. The training augmentation is the
-reference's with a narrower scale/stretch/translate range (the generator already varies size,
-aspect and position). ``detach_epoch`` lies beyond the run: the AGM guides all of it, and
+Schedule (2-core CPU, see the README for a measured run): batch 16, 187 steps/epoch,
+16 epochs (2992 steps, ~48k images), AdamW lr 0.012 with a 100-step linear warmup and cosine
+to 1e-4 over the 16 epochs, evaluation every 2 epochs (the last one at the end). 18 epochs
+reached 0.528 mAP in 19.5 min on a fast day of the same machine kind; 2-core VMs of that kind
+were up to 35 % slower on other days, so the run is two epochs shorter to stay in 20 min
+(16 epochs: 0.513 mAP in 17.6 min, README). The training augmentation is the reference's
+with a narrower scale/stretch/translate range (the generator already varies size, aspect and
+position). ``detach_epoch`` lies beyond the run: the AGM guides all of it, and
 detaching would cost a second compilation of the step (~1.5 min on 2 cores). Data loading
 runs in the training process (``workers_per_gpu=0``): on a small CPU, worker processes
 compete with the step for the same cores.
@@ -35,7 +38,7 @@ from nanodet_jax.data.synthetic import (
 )
 
 SYNTHETIC = SyntheticSpec(seed=0, num_train=3000, num_val=100, size=128)
-EPOCHS = 18
+EPOCHS = 16
 
 
 def get_config() -> ml_collections.ConfigDict:
