@@ -20,7 +20,9 @@ SHAPES = (("synthetic_b16", (16, 64, 64, 24)), ("m_320_b8", (8, 160, 160, 24)),
           ("m_416_b8", (8, 208, 208, 24)))
 
 
-def _value_and_vjp(fn):
+def value_and_vjp(fn):
+    """``jit(run)(x, g) -> (fn(x), vjp(g))`` for a one-argument ``fn``."""
+
     @jax.jit
     def run(x, g):
         y, vjp = jax.vjp(fn, x)
@@ -34,8 +36,8 @@ def bench_case(shape: tuple[int, int, int, int], repeats: int) -> dict:
     b, h, w, c = shape
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     g = jnp.asarray(rng.standard_normal((b, (h + 1) // 2, (w + 1) // 2, c)), jnp.float32)
-    fns = {"elementwise_vjp": _value_and_vjp(max_pool_3x3_s2),
-           "select_and_scatter": _value_and_vjp(_reduce_window_pool)}
+    fns = {"elementwise_vjp": value_and_vjp(max_pool_3x3_s2),
+           "select_and_scatter": value_and_vjp(_reduce_window_pool)}
     ms = {n: time_jitted(f, x, g, repeats=repeats)["median_ms"] for n, f in fns.items()}
     (y0, d0), (y1, d1) = (fns[n](x, g) for n in fns)
     return {"shape": list(shape), "fwd_bwd_ms": ms,

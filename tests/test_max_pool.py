@@ -8,17 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.max_pool import value_and_vjp
 from nanodet_jax.models.max_pool import _reduce_window_pool, max_pool_3x3_s2
 
 SHAPES = [(2, 7, 6, 3), (2, 8, 8, 4), (1, 5, 9, 2)]  # odd and even H, W
-
-
-def _value_and_vjp(fn):
-    @jax.jit
-    def run(x, g):
-        y, vjp = jax.vjp(fn, x)
-        return y, vjp(g)[0]
-    return run
 
 
 def _inputs(shape, ties: bool, dtype=np.float64):
@@ -36,7 +29,7 @@ def test_value_and_gradient_equal_torch(shape, ties):
     import torch
     x, g = _inputs(shape, ties)
     with jax.enable_x64(True):
-        y, dx = _value_and_vjp(max_pool_3x3_s2)(jnp.asarray(x), jnp.asarray(g))
+        y, dx = value_and_vjp(max_pool_3x3_s2)(jnp.asarray(x), jnp.asarray(g))
         y, dx = np.asarray(y), np.asarray(dx)
     assert y.dtype == dx.dtype == np.float64
     t = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
@@ -54,8 +47,8 @@ def test_value_and_gradient_equal_torch(shape, ties):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_equals_autodiff_of_reduce_window_float32(shape, ties):
     x, g = _inputs(shape, ties, np.float32)
-    y, dx = _value_and_vjp(max_pool_3x3_s2)(x, g)
-    y_ref, dx_ref = _value_and_vjp(_reduce_window_pool)(x, g)
+    y, dx = value_and_vjp(max_pool_3x3_s2)(x, g)
+    y_ref, dx_ref = value_and_vjp(_reduce_window_pool)(x, g)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
     # the same cotangents routed, summed in another order: <= 2 float32 roundings of |g| sums
     np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=0,
@@ -64,7 +57,7 @@ def test_equals_autodiff_of_reduce_window_float32(shape, ties):
 
 def test_keeps_low_precision_dtype():
     x, g = _inputs((2, 8, 8, 4), False, np.float32)
-    y, dx = _value_and_vjp(max_pool_3x3_s2)(jnp.asarray(x, jnp.bfloat16),
+    y, dx = value_and_vjp(max_pool_3x3_s2)(jnp.asarray(x, jnp.bfloat16),
                                             jnp.asarray(g, jnp.bfloat16))
     assert y.dtype == dx.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y, np.float32),
