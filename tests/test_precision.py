@@ -12,19 +12,15 @@ from nanodet_jax.data.synthetic import CLASS_NAMES, make_scene, scene_rng
 from nanodet_jax.models import build_model, init_train_variables
 from nanodet_jax.precision import compute_dtype
 from nanodet_jax.train.step import fresh_train_step
+from tests.configs import light_tiny
 
 SIZE = 96
 BF16_REL = 2e-2  # relative-norm bound for bf16 outputs (8 mantissa bits: ~4e-3 per op)
 
 
 def _cfg(precision: int):
-    """The tiny preset cut for compile time (3x3 depthwise kernels, one stacked conv per head,
-    three levels), at ``precision``."""
-    raw = nanodet_plus_tiny(SIZE, CLASS_NAMES)
-    arch = raw["model"]["arch"]
-    arch["fpn"].update(kernel_size=3, num_extra_level=0)
-    arch["head"].update(kernel_size=3, stacked_convs=1, strides=[8, 16, 32])
-    arch["aux_head"].update(stacked_convs=1, strides=[8, 16, 32], feat_channels=32)
+    """The compile-light tiny model (``tests.configs.light_tiny``) at ``precision``."""
+    raw = light_tiny(SIZE)
     raw["device"]["precision"] = precision
     raw["schedule"].update(optimizer={"name": "AdamW", "lr": 0.004, "weight_decay": 0.05},
                            warmup={"name": "linear", "steps": 5, "ratio": 0.1})

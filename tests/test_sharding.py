@@ -37,16 +37,11 @@ EVAL_ROWS = 6  # per eval batch: 4 devices pad it to 8 (rows of valid=False)
 REL_TOL, NOISE = 1e-5, 1e-6
 
 def tiny_config(batch: int = BATCH) -> dict:
-    """The narrow NanoDet-Plus at 64x64, cut further for compile time: 3x3 depthwise kernels,
-    one stacked conv per head, three levels (P = 64 + 16 + 4 = 84 priors)."""
-    from nanodet_jax.config import nanodet_plus_tiny
-    from nanodet_jax.data.synthetic import CLASS_NAMES
+    """The compile-light tiny model (``tests.configs.light_tiny``) at 64x64 (P = 64 + 16 + 4
+    = 84 priors), global batch ``batch``, SGD."""
+    from tests.configs import light_tiny
 
-    raw = nanodet_plus_tiny(SIZE, CLASS_NAMES)
-    arch = raw["model"]["arch"]
-    arch["fpn"].update(kernel_size=3, num_extra_level=0)
-    arch["head"].update(kernel_size=3, stacked_convs=1, strides=[8, 16, 32])
-    arch["aux_head"].update(stacked_convs=1, strides=[8, 16, 32], feat_channels=32)
+    raw = light_tiny(SIZE)
     raw["device"].update(batchsize_per_gpu=batch, gpu_ids=[0], workers_per_gpu=0)
     # SGD: the update is linear in the gradient, so the comparison sees the step's arithmetic.
     # (Adam divides every gradient element by its own magnitude: the rounding noise of the
