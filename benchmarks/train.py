@@ -2,7 +2,9 @@
 gradients, clip, AdamW, EMA) on random data.
 
 For m_320, m_416 and m-1.5x_416 (``configs/``) at batch 8 and 16, before and after detach:
-compile time, median step time, images/s and the process's peak resident memory. Batches are random
+compile time, median step time, images/s, the process's peak resident memory, and its system
+CPU time and minor page faults per step (``glibc_tunables`` says whether malloc used huge
+pages: :mod:`nanodet_jax.hugepages`). Batches are random
 images with 20 random GT boxes each (padded to 32). ``--quick``: ShuffleNetV2 0.5x with a
 narrow neck/heads at 128x128, batch 8, before detach only. Next to the step, ``data_loader``
 holds the loader's images/s for the same input sizes (:mod:`benchmarks.data`: 0, 1 and 2
@@ -74,14 +76,19 @@ def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t0
     times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(repeats):
         t0 = time.perf_counter()
         state, m = step(state, batch, detach)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     med = statistics.median(times)
     return {"compile_s": round(compile_s, 2), "step_s_median": round(med, 4),
             "step_s_min": round(min(times), 4), "images_per_s": round(batch_size / med, 2),
+            # host allocator cost (see nanodet_jax.hugepages): per timed step, whole process
+            "system_cpu_s_per_step": round((after.ru_stime - before.ru_stime) / repeats, 3),
+            "minor_faults_per_step": round((after.ru_minflt - before.ru_minflt) / repeats),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "loss_finite": bool(np.isfinite(float(m["loss"])))}
 
@@ -98,7 +105,8 @@ def run(args) -> dict:
     repeats = max(2, min(getattr(args, "repeats", 20), 3 if quick else 5))
     out: dict = {"cpu_count": os.cpu_count(), "backend": jax.default_backend(),
                  "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
-                 "repeats": repeats, "optimizer": "AdamW + clip 35 + EMA", "cases": {}}
+                 "repeats": repeats, "optimizer": "AdamW + clip 35 + EMA",
+                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "cases": {}}
     if quick:
         out["cases"]["tiny_128_b8_before_detach"] = time_step(tiny_config(), 8, False, repeats)
         return out

@@ -76,4 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from nanodet_jax.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages()  # before any work: glibc reads its tunables at start
     sys.exit(main())

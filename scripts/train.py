@@ -11,7 +11,8 @@ CONFIG is a project ``.py`` config or a reference NanoDet YAML, trained as writt
 ``--config.a.b=value`` overrides one field (value parsed as YAML: numbers, lists, true/false).
 The workdir (default: the config's ``save_dir``) receives ``config.json``, ``metrics.jsonl``,
 ``tb/`` (TensorBoard), ``checkpoints/`` (latest), ``best/``, ``model_best.pth``,
-``curves.png`` and ``per_class_ap.txt``. A workdir that holds another run is never
+``curves.png`` and ``per_class_ap.txt`` (and, after a resume, ``metrics.superseded.jsonl``:
+the interrupted run's rows past its checkpoint). A workdir that holds another run is never
 overwritten: pass ``--resume`` (or set ``schedule.resume``) to continue it.
 
 Every device takes part (one jitted step over a mesh of all devices; the global batch is
@@ -100,4 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from nanodet_jax.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages()  # before any work: glibc reads its tunables at start
     sys.exit(main())

@@ -44,6 +44,7 @@ from nanodet_jax.train.loop import (
     TrainingStopped,
     guarded_write,
 )
+from nanodet_jax.train.metrics_log import SUPERSEDED, read_rows
 from nanodet_jax.train.optim import make_optimizer
 from nanodet_jax.train.schedule import make_lr_schedule
 from nanodet_jax.train.state import create_train_state
@@ -217,15 +218,19 @@ def test_resume_after_sigkill_is_bit_identical(cli, run):
     assert int(a["step"]) == int(b["step"]) == k and sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    resumed = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    resumed = read_rows(killed / "metrics.jsonl")
+    # rows the killed run logged past its checkpoint were moved aside on resume: one row per
+    # step and kind, equal to the uninterrupted run's
+    superseded = read_rows(killed / SUPERSEDED)
+    assert all(r["step"] > mid for r in superseded)
 
-    def upto_k(rows):  # per step the last row (the killed run may have logged past `mid`)
-        last = {r["step"]: {key: v for key, v in r.items()
-                            if key not in ("wall_s", "images_per_s")}
-                for r in rows if r.get("step") is not None and mid < r["step"] <= k}
-        return [last[step] for step in sorted(last)]
+    def upto_k(rows):
+        return [{key: v for key, v in r.items() if key not in ("wall_s", "images_per_s")}
+                for r in rows if mid < r["step"] <= k]
 
     for kind in ("val", "train"):
+        steps = [r["step"] for r in resumed if r["kind"] == kind]
+        assert steps == sorted(set(steps)), f"{kind} rows repeat a step: {steps}"
         got = upto_k(r for r in resumed if r["kind"] == kind)
         assert got and got == upto_k(_rows(run, kind)), kind
 

@@ -254,7 +254,8 @@ class Trainer:
                     {"config": self.cfg_dict, "seed": self.seed,
                      "dataset": dataset_fingerprint(self.train_set.records)}, indent=1))
         with self._writing("metrics.jsonl"):
-            log = MetricsLog(self.workdir, enabled=self.is_main)
+            log = MetricsLog(self.workdir, enabled=self.is_main,
+                             resume_step=int(jax.device_get(state.step)) if self.saved else None)
         self._ckpts = ckpts
         # every step variant this run needs, compiled side by side in the background
         self.step_variants = StepVariants(self.step_fn, needed=self._variants_needed(meta))

@@ -1,11 +1,19 @@
 """Where training metrics go: ``metrics.jsonl`` (one JSON row per log step or evaluation),
 TensorBoard scalars, and ``curves.png`` (loss terms and lr per step, mAP/AP50 per evaluation).
-Only the first JAX process writes."""
+Only the first JAX process writes.
+
+A resumed run continues from its last checkpoint, so the rows an interrupted run logged after
+that checkpoint describe steps that are done again: on resume they move from
+``metrics.jsonl`` to ``metrics.superseded.jsonl`` (appended there, never deleted), and
+TensorBoard is told to drop its events past the checkpoint (``purge_step``). Each step then
+has one row in ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +26,18 @@ LOSS_TERMS = ("loss", "loss_qfl", "loss_bbox", "loss_dfl", "aux_loss_qfl", "aux_
               "aux_loss_dfl")
 
 
-class MetricsLog:
-    """Appends rows to ``<workdir>/metrics.jsonl`` and TensorBoard (``<workdir>/tb``)."""
+SUPERSEDED = "metrics.superseded.jsonl"
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+
+class MetricsLog:
+    """Appends rows to ``<workdir>/metrics.jsonl`` and TensorBoard (``<workdir>/tb``).
+
+    ``resume_step``: the step a resumed run restarts from (its checkpoint's); rows logged
+    past it are superseded (module docstring). ``None`` for a fresh run.
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool = True,
+                 resume_step: int | None = None):
         self.workdir = Path(workdir)
         self.path = self.workdir / "metrics.jsonl"
         self.enabled = enabled
@@ -29,7 +45,10 @@ class MetricsLog:
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tb"))
+            if resume_step is not None:
+                supersede_rows(self.path, resume_step)
+            self._tb = SummaryWriter(str(self.workdir / "tb"), purge_step=(
+                None if resume_step is None else resume_step + 1))
 
     def write(self, row: dict[str, Any], kind: str) -> None:
         """``kind`` is ``train`` (a log step) or ``val`` (an evaluation); ``row`` must hold
@@ -58,6 +77,34 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def supersede_rows(path: str | Path, step: int) -> int:
+    """Move the rows of ``path`` (a ``metrics.jsonl``) whose ``step`` is past ``step``, and a
+    torn last line, to :data:`SUPERSEDED` next to it (appended, as written); returns how many
+    lines moved. The moved lines are on disk before ``path`` is rewritten (atomically), so
+    an interruption can leave a line in both files but never in neither."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            stale = isinstance(row.get("step"), int) and row["step"] > step
+        except (json.JSONDecodeError, AttributeError):
+            stale = bool(line.strip())
+        (moved if stale else keep).append(line)
+    if not moved:
+        return 0
+    with open(path.with_name(SUPERSEDED), "a") as f:
+        f.write("".join(line + "\n" for line in moved))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+    return len(moved)
 
 
 def read_rows(path: str | Path) -> list[dict]:
