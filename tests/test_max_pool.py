@@ -58,7 +58,7 @@ def test_equals_autodiff_of_reduce_window_float32(shape, ties):
 def test_keeps_low_precision_dtype():
     x, g = _inputs((2, 8, 8, 4), False, np.float32)
     y, dx = value_and_vjp(max_pool_3x3_s2)(jnp.asarray(x, jnp.bfloat16),
-                                            jnp.asarray(g, jnp.bfloat16))
+                                           jnp.asarray(g, jnp.bfloat16))
     assert y.dtype == dx.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y, np.float32),
                                   np.asarray(_reduce_window_pool(jnp.asarray(x, jnp.bfloat16)),
