@@ -73,7 +73,7 @@ def matmul_rows(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     Same values as ``jnp.dot(x, w)``, but its autodiff stays 2-D: the weight gradient is
     ``x2^T . g2`` over the flattened rows. With an N-D ``x``, XLA:CPU computed that gradient
     from a transposed copy of the cotangent written by the (single-threaded) fusion that
-    produces it, 2-3x slower for a 1x1 conv + BatchNorm block's backward.
+    produces it: a 1x1 conv + BatchNorm block took 2-2.8x as long, forward + backward.
     """
     y = jnp.dot(x.reshape(-1, x.shape[-1]), w, precision=precision)
     return y.reshape(*x.shape[:-1], w.shape[-1])
