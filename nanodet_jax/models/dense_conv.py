@@ -67,7 +67,8 @@ def _native(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.A
                                     dimension_numbers=_DIMS)
 
 
-def matmul_rows(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+def matmul_rows(x: jax.Array, w: jax.Array,
+                precision: lax.Precision | None = None) -> jax.Array:
     """``x @ w`` over the last axis as ONE 2-D matmul: x (..., K), w (K, O) -> (..., O).
 
     Same values as ``jnp.dot(x, w)``, but its autodiff stays 2-D: the weight gradient is
