@@ -189,7 +189,10 @@ def _worker_time(path: Path, case: str, num_classes: int, inputs: Path, detach: 
     w, h = c.data.train.input_size
     if img.shape[2:] != (h, w):
         raise ValueError(f"batch is {img.shape[2:]} (h, w), the reference config {w}x{h}")
-    gt_meta = {"img": torch.from_numpy(img), "gt_bboxes": gt_bboxes, "gt_labels": gt_labels}
+    # no ignored boxes: an empty (0, 4) array per image, as the reference's own dataset
+    # gives (its head reads the key unconditionally)
+    gt_meta = {"img": torch.from_numpy(img), "gt_bboxes": gt_bboxes, "gt_labels": gt_labels,
+               "gt_bboxes_ignore": [np.zeros((0, 4), np.float32) for _ in gt_bboxes]}
 
     model = build_model(c.model)
     model.train()
@@ -237,10 +240,28 @@ def _worker_time(path: Path, case: str, num_classes: int, inputs: Path, detach: 
     med = statistics.median(times)
     return {"first_step_s": round(first, 3), "step_s_median": round(med, 4),
             "step_s_min": round(min(times), 4), "images_per_s": round(img.shape[0] / med, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mb": _own_peak_rss_mb(),
             "loss_finite": bool(np.isfinite(loss)), "epoch": epoch,
             "torch_threads": torch.get_num_threads(), "optimizer": optimizer_name,
             "grad_clip": grad_clip, "ema": ema is not None}
+
+
+def _own_peak_rss_mb() -> int:
+    """Peak resident memory of this process alone, in MiB.
+
+    ``VmHWM`` of ``/proc/self/status`` (this process's address space since its ``exec``):
+    ``ru_maxrss`` of a child started from the benchmark would report the parent's peak
+    (Linux carries it over the fork), which made the reference's figure equal to ours.
+    Falls back to ``ru_maxrss`` (KiB) where ``/proc`` is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def main(argv: list[str] | None = None) -> int:

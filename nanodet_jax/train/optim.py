@@ -37,6 +37,7 @@ import optax
 
 from nanodet_jax.config import ConfigError
 from nanodet_jax.train.schedule import as_dict, choice, fields, make_lr_schedule, real
+from nanodet_jax.train.tree_reduce import global_norm
 
 Array = jax.Array
 
@@ -60,7 +61,7 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        scale = jnp.minimum(1.0, max_norm / (global_norm(updates) + 1e-6))
         return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -26,14 +26,11 @@ from nanodet_jax.objective import loss_and_grads
 from nanodet_jax.train.ema import ema_update
 from nanodet_jax.train.sharding import batch_sharding, replicated
 from nanodet_jax.train.state import TrainState
+from nanodet_jax.train.tree_reduce import all_finite, global_norm
 
 Array = jax.Array
 Metrics = dict[str, Array]
 StepFn = Callable[[TrainState, dict, bool], tuple[TrainState, Metrics]]
-
-
-def _all_finite(tree: Any) -> Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def make_train_step(objective: Callable, optimizer: optax.GradientTransformation,
@@ -50,8 +47,8 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
         inputs = {k: batch[k] for k in ("image", "gt_boxes", "gt_labels", "gt_mask")}
         (loss, (terms, new_bn)), grads = loss_and_grads(objective, state.variables, inputs,
                                                         detach)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(loss) & all_finite(grads)
 
         def apply(s: TrainState) -> TrainState:
             updates, opt_state = optimizer.update(grads, s.opt_state, s.params)
