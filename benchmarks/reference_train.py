@@ -12,11 +12,12 @@ backbone download turned off. One step is what the reference's Lightning task do
 ``zero_grad`` and the EMA update (``build_weight_averager(...).update``). Before/after detach
 is ``model.set_epoch(0)`` / ``model.set_epoch(model.detach_epoch)``.
 
-Each case runs in a fresh subprocess (this file run as a script) with
-``torch.set_num_threads(os.cpu_count())``: its peak RSS is its own, torch's thread pool does
-not share a process with XLA's, and the JAX figures are the same with or without
-``--reference``. :func:`check_reference` imports the reference the same way and fails, naming
-PATH and what is missing, before any timing starts.
+Each case runs in a fresh subprocess (this file run as a script, :class:`ReferenceStepper`)
+with ``torch.set_num_threads(os.cpu_count())``: its peak RSS is its own and torch's thread
+pool does not share a process with XLA's. The subprocess stays ready between steps, so the
+train suite alternates them with ours (one of ours, one of the reference's, ...): both sides
+see the same moments of a machine whose speed drifts. :func:`check_reference` imports the
+reference the same way and fails, naming PATH and what is missing, before any timing starts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import importlib.util
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,25 +110,80 @@ def check_reference(path: str | os.PathLike, cases: Sequence[str] = CASES) -> di
     return {"path": str(p.resolve()), **info}
 
 
-def time_reference_case(path: str | os.PathLike, case: str, num_classes: int,
-                        batch: Mapping[str, np.ndarray], detach: bool, repeats: int) -> dict:
-    """Time the reference's train step for ``case`` (``m_320``...) on ``batch`` (in a
-    subprocess).
+class ReferenceStepper:
+    """The reference's train step for ``case`` (``m_320``...) on ``batch``, kept ready in a
+    subprocess so that its steps can alternate with ours (one step each, in turn): this
+    machine kind's speed drifts by tens of percent within minutes, so timing one side after
+    the other compares two different machines.
 
-    ``batch`` is our padded numpy batch (see :func:`to_reference_inputs`). Returns
-    ``{"first_step_s", "step_s_median", "step_s_min", "images_per_s", "peak_rss_mb",
-    "loss_finite", "epoch", "torch_threads", "optimizer", "grad_clip", "ema"}``.
+    ``batch`` is our padded numpy batch (see :func:`to_reference_inputs`). Starting it builds
+    the reference model, optimizer and EMA and runs one untimed first step;
+    :meth:`step` runs one more and returns its seconds; :meth:`close` ends the subprocess and
+    returns ``{"first_step_s", "peak_rss_mb", "loss_finite", "epoch", "torch_threads",
+    "optimizer", "grad_clip", "ema"}``. Use it as a context manager.
     """
-    with tempfile.TemporaryDirectory(prefix="nanodet_ref_in_") as tmp:
-        inputs = Path(tmp) / "batch.npz"
+
+    def __init__(self, path: str | os.PathLike, case: str, num_classes: int,
+                 batch: Mapping[str, np.ndarray], detach: bool):
+        self.path = Path(path).expanduser().resolve()
+        self.what = f"the reference step for {case} (batch {np.shape(batch['image'])[0]})"
+        self._tmp = tempfile.TemporaryDirectory(prefix="nanodet_ref_in_")
+        inputs = Path(self._tmp.name) / "batch.npz"
         np.savez(inputs, **{k: np.asarray(batch[k]) for k in
                             ("image", "gt_boxes", "gt_labels", "gt_mask")})
-        return _run_worker(Path(path).expanduser().resolve(),
-                           ["time", f"--case={case}", f"--num-classes={num_classes}",
-                            f"--inputs={inputs}", f"--repeats={repeats}"]
-                           + (["--detach"] if detach else []),
-                           f"the reference step for {case} (batch "
-                           f"{np.shape(batch['image'])[0]})")
+        self._log = open(Path(self._tmp.name) / "stderr.txt", "w+")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "serve", f"--case={case}",
+             f"--num-classes={num_classes}", f"--inputs={inputs}", "--reference",
+             str(self.path)]
+            + (["--detach"] if detach else []),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self._reply("ready")
+
+    def _reply(self, expect: str) -> dict:
+        line = self._proc.stdout.readline()
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            msg = None
+        if not isinstance(msg, dict) or expect not in msg:
+            self._proc.kill()
+            self._proc.wait()
+            self._log.seek(0)
+            tail = "\n".join(self._log.read().strip().splitlines()[-15:])
+            self._cleanup()
+            raise ReferenceUnavailable(f"--reference {self.path}: {self.what} failed "
+                                       f"(exit {self._proc.returncode}):\n{tail}")
+        return msg[expect]
+
+    def _send(self, command: str) -> None:
+        self._proc.stdin.write(command + "\n")
+        self._proc.stdin.flush()
+
+    def step(self) -> float:
+        """Run one reference step; its wall time in seconds (measured in the subprocess)."""
+        self._send("step")
+        return float(self._reply("step_s"))
+
+    def close(self) -> dict:
+        self._send("quit")
+        info = self._reply("summary")
+        self._proc.wait()
+        self._cleanup()
+        return info
+
+    def _cleanup(self) -> None:
+        self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> ReferenceStepper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+            self._cleanup()
 
 
 # ---- the subprocess side: imports torch and the reference ------------------------------------
@@ -176,8 +231,19 @@ def _worker_check(path: Path, cases: Sequence[str]) -> dict:
     return {"torch": torch.__version__, "nanodet_package": str(where)}
 
 
-def _worker_time(path: Path, case: str, num_classes: int, inputs: Path, detach: bool,
-                 repeats: int) -> dict:
+def _worker_serve(path: Path, case: str, num_classes: int, inputs: Path, detach: bool) -> None:
+    """Build the reference step, run it once, then one step per ``step`` line on stdin
+    (one JSON line per reply on stdout) until ``quit`` (see :class:`ReferenceStepper`)."""
+    # the protocol goes to the original stdout; anything else written to stdout (the
+    # reference prints while it builds the model and trains) goes to stderr
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def reply(**msg) -> None:
+        proto.write(json.dumps(msg) + "\n")
+        proto.flush()
+
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -232,18 +298,23 @@ def _worker_time(path: Path, case: str, num_classes: int, inputs: Path, detach: 
     t0 = time.perf_counter()
     loss = step(0)
     first = time.perf_counter() - t0
-    times = []
-    for i in range(1, repeats + 1):
-        t0 = time.perf_counter()
-        loss = step(i)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"first_step_s": round(first, 3), "step_s_median": round(med, 4),
-            "step_s_min": round(min(times), 4), "images_per_s": round(img.shape[0] / med, 2),
-            "peak_rss_mb": _own_peak_rss_mb(),
-            "loss_finite": bool(np.isfinite(loss)), "epoch": epoch,
-            "torch_threads": torch.get_num_threads(), "optimizer": optimizer_name,
-            "grad_clip": grad_clip, "ema": ema is not None}
+    reply(ready=True)
+    i = 0
+    for command in sys.stdin:
+        if command.strip() == "step":
+            i += 1
+            t0 = time.perf_counter()
+            loss = step(i)
+            reply(step_s=time.perf_counter() - t0)
+        elif command.strip() == "quit":
+            break
+        else:
+            raise ValueError(f"unknown command {command!r}")
+    reply(summary={"first_step_s": round(first, 3), "steps": i,
+                   "peak_rss_mb": _own_peak_rss_mb(), "loss_finite": bool(np.isfinite(loss)),
+                   "epoch": epoch, "torch_threads": torch.get_num_threads(),
+                   "optimizer": optimizer_name, "grad_clip": grad_clip,
+                   "ema": ema is not None})
 
 
 def _own_peak_rss_mb() -> int:
@@ -265,23 +336,23 @@ def _own_peak_rss_mb() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Subprocess entry: ``check`` or ``time`` one case; writes its JSON to ``--out``."""
+    """Subprocess entry: ``check`` cases (writes its JSON to ``--out``) or ``serve`` one case
+    (the :class:`ReferenceStepper` protocol on stdin/stdout)."""
     p = argparse.ArgumentParser(description="internal: run by benchmarks/train.py")
-    p.add_argument("mode", choices=("check", "time"))
+    p.add_argument("mode", choices=("check", "serve"))
     p.add_argument("--reference", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="check: where to write the JSON")
     p.add_argument("--case", action="append", required=True)
     p.add_argument("--num-classes", type=int)
     p.add_argument("--inputs", type=Path)
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--detach", action="store_true")
     a = p.parse_args(argv)
     if a.mode == "check":
-        res = _worker_check(a.reference, a.case)
+        if a.out is None:
+            p.error("check needs --out")
+        a.out.write_text(json.dumps(_worker_check(a.reference, a.case)))
     else:
-        res = _worker_time(a.reference, a.case[0], a.num_classes, a.inputs, a.detach,
-                           a.repeats)
-    a.out.write_text(json.dumps(res))
+        _worker_serve(a.reference, a.case[0], a.num_classes, a.inputs, a.detach)
     return 0
 
 

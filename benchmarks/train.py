@@ -12,10 +12,10 @@ worker processes), so the two rates can be compared in one JSON.
 
 ``--reference PATH`` (a RangiLyu/nanodet checkout, with torch installed; not with
 ``--quick``): each case also times the reference's own training step on the same images and
-GT boxes (:mod:`benchmarks.reference_train`, one subprocess per case) and adds ``reference``
-(first-step time, median step time, images/s, peak RSS of that subprocess) and
-``ratio_ours_over_reference`` (our median step time over the reference's). PATH and torch
-are checked before any timing starts.
+GT boxes (:mod:`benchmarks.reference_train`, one subprocess per case), its steps
+alternating with ours, and adds ``reference`` (first-step time, median step time, images/s,
+peak RSS of that subprocess), ``ratio_ours_over_reference`` (our median step time over the
+reference's) and ``ratio_per_round``. PATH and torch are checked before any timing starts.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from benchmarks import data as data_bench
-from benchmarks.reference_train import check_reference, time_reference_case
+from benchmarks.reference_train import ReferenceStepper, check_reference
 from nanodet_jax.config import load_config, nanodet_plus_tiny, validate
 from nanodet_jax.train.step import fresh_train_step
 
@@ -67,30 +67,72 @@ def case_batch(cfg, batch_size: int) -> dict:
     return random_batch(batch_size, (h, w), int(cfg.model.arch.head.num_classes))
 
 
-def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
-    """Compile + time the train step of ``cfg`` at ``batch_size`` (state donated)."""
+def _compiled_step(cfg, batch_size: int, detach: bool):
+    """Our jitted step of ``cfg`` on :func:`case_batch`, compiled by one first step.
+
+    Returns ``(one_step, compile_s, box)``: ``one_step()`` runs a step (state donated) and
+    returns its wall time in seconds, waiting for the result; ``box`` holds the latest
+    ``state`` and ``metrics``."""
     step, state = fresh_train_step(cfg, 100)
     batch = jax.device_put(case_batch(cfg, batch_size))
-    t0 = time.perf_counter()
-    state, m = step(state, batch, detach)
-    jax.block_until_ready(m["loss"])
-    compile_s = time.perf_counter() - t0
-    times = []
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(repeats):
+    box = {"state": state, "metrics": None}
+
+    def one_step() -> float:
         t0 = time.perf_counter()
-        state, m = step(state, batch, detach)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    after = resource.getrusage(resource.RUSAGE_SELF)
+        box["state"], box["metrics"] = step(box["state"], batch, detach)
+        jax.block_until_ready(box["metrics"]["loss"])
+        return time.perf_counter() - t0
+
+    return one_step, one_step(), box
+
+
+def _summary(times: list[float], batch_size: int, compile_s: float, box: dict,
+             before, after) -> dict:
     med = statistics.median(times)
     return {"compile_s": round(compile_s, 2), "step_s_median": round(med, 4),
             "step_s_min": round(min(times), 4), "images_per_s": round(batch_size / med, 2),
             # host allocator cost (see nanodet_jax.hugepages): per timed step, whole process
-            "system_cpu_s_per_step": round((after.ru_stime - before.ru_stime) / repeats, 3),
-            "minor_faults_per_step": round((after.ru_minflt - before.ru_minflt) / repeats),
+            "system_cpu_s_per_step": round((after.ru_stime - before.ru_stime) / len(times), 3),
+            "minor_faults_per_step": round((after.ru_minflt - before.ru_minflt) / len(times)),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "loss_finite": bool(np.isfinite(float(m["loss"])))}
+            "loss_finite": bool(np.isfinite(float(box["metrics"]["loss"])))}
+
+
+def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
+    """Compile + time the train step of ``cfg`` at ``batch_size`` (state donated)."""
+    one_step, compile_s, box = _compiled_step(cfg, batch_size, detach)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    times = [one_step() for _ in range(repeats)]
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return _summary(times, batch_size, compile_s, box, before, after)
+
+
+def time_step_with_reference(cfg, batch_size: int, detach: bool, repeats: int,
+                             reference: str, case: str) -> dict:
+    """:func:`time_step` with the reference's step of ``case`` on the same batch, the two
+    alternating: ``repeats`` rounds of one step of ours then one of the reference's (after
+    each side's untimed first step). Adds ``reference`` (its times and
+    :meth:`~benchmarks.reference_train.ReferenceStepper.close` summary),
+    ``ratio_ours_over_reference`` (median over median) and ``ratio_per_round`` (the median of
+    the rounds' ratios: each compares two steps taken seconds apart)."""
+    one_step, compile_s, box = _compiled_step(cfg, batch_size, detach)
+    ours, theirs = [], []
+    with ReferenceStepper(reference, case, int(cfg.model.arch.head.num_classes),
+                          case_batch(cfg, batch_size), detach) as ref:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        for _ in range(repeats):
+            ours.append(one_step())
+            theirs.append(ref.step())
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        info = ref.close()
+    out = _summary(ours, batch_size, compile_s, box, before, after)
+    med = statistics.median(theirs)
+    out["reference"] = {"step_s_median": round(med, 4), "step_s_min": round(min(theirs), 4),
+                        "images_per_s": round(batch_size / med, 2), **info}
+    out["ratio_ours_over_reference"] = round(out["step_s_median"] / med, 3)
+    out["ratio_per_round"] = round(statistics.median(a / b for a, b in zip(ours, theirs)), 3)
+    out["protocol"] = f"interleaved: {repeats} rounds of one step of ours, one of the reference's"
+    return out
 
 
 def run(args) -> dict:
@@ -102,7 +144,8 @@ def run(args) -> dict:
     if reference and quick:
         raise ValueError("--reference times the m_320/m_416 cases: it does not go with --quick")
     ref_info = check_reference(reference) if reference else None  # fail before any timing
-    repeats = max(2, min(getattr(args, "repeats", 20), 3 if quick else 5))
+    # interleaved with the reference: more rounds (each compares two steps seconds apart)
+    repeats = max(2, min(getattr(args, "repeats", 20), 3 if quick else 10 if reference else 5))
     out: dict = {"cpu_count": os.cpu_count(), "backend": jax.default_backend(),
                  "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
                  "repeats": repeats, "optimizer": "AdamW + clip 35 + EMA",
@@ -121,13 +164,8 @@ def run(args) -> dict:
                 name = f"{case_name}_b{b}_{'after' if detach else 'before'}_detach"
                 if not fnmatch.fnmatchcase(name, pattern):
                     continue
-                case = out["cases"][name] = time_step(cfg, b, detach, repeats)
-                if reference:
-                    ref = time_reference_case(reference, case_name,
-                                              int(cfg.model.arch.head.num_classes),
-                                              case_batch(cfg, b), detach, repeats)
-                    case["reference"] = ref
-                    case["ratio_ours_over_reference"] = round(
-                        case["step_s_median"] / ref["step_s_median"], 3)
+                out["cases"][name] = (
+                    time_step_with_reference(cfg, b, detach, repeats, reference, case_name)
+                    if reference else time_step(cfg, b, detach, repeats))
     out["data_loader"] = data_bench.run(args)
     return out

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from benchmarks import train as train_suite
-from benchmarks.reference_train import ReferenceUnavailable, check_reference, to_reference_inputs
+from benchmarks.reference_train import (
+    ReferenceStepper,
+    ReferenceUnavailable,
+    check_reference,
+    to_reference_inputs,
+)
 from tests.fixtures import REPO_ROOT
 
 
@@ -89,3 +94,131 @@ def test_cli_cases_only_with_train(capsys):
     with pytest.raises(SystemExit):
         _benchmark_main()(["--suite", "loss", "--cases", "m_320_*"])
     assert "--cases goes with --suite train only" in capsys.readouterr().err
+
+
+# A stand-in for a reference checkout: the package layout and the few calls the worker makes
+# (config clone/load/freeze, build_model, forward_train, set_epoch), a one-conv torch model.
+_FAKE_UTIL = '''
+import copy, json
+
+
+class Node(dict):
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError as e:
+            raise AttributeError(k) from e
+
+    def __setattr__(self, k, v):
+        self[k] = v
+
+    def clone(self):
+        return copy.deepcopy(self)
+
+    def defrost(self):
+        pass
+
+    def freeze(self):
+        pass
+
+
+def _nodes(x):
+    return Node({k: _nodes(v) for k, v in x.items()}) if isinstance(x, dict) else x
+
+
+cfg = Node()
+
+
+def load_config(c, path):
+    with open(path) as f:
+        c.update(_nodes(json.load(f)))
+'''
+_FAKE_ARCH = '''
+import os
+import torch
+
+
+class Fake(torch.nn.Module):
+    detach_epoch = 10
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def forward_train(self, gt_meta):
+        print("noise on stdout from the reference")  # must not break the protocol
+        if os.environ.get("FAKE_REFERENCE_FAIL"):
+            raise RuntimeError("the fake reference step failed on purpose")
+        assert len(gt_meta["gt_bboxes_ignore"]) == len(gt_meta["gt_bboxes"])
+        loss = self.conv(gt_meta["img"]).square().mean()
+        return None, loss, {}
+
+
+def build_model(model_cfg):
+    print("the reference prints while it builds its model")  # as the real one does
+    return Fake()
+'''
+
+
+@pytest.fixture
+def fake_reference(tmp_path):
+    import json
+
+    root = tmp_path / "fake_nanodet"
+    for d in ("nanodet/util", "nanodet/model/arch", "config"):
+        (root / d).mkdir(parents=True)
+    (root / "nanodet" / "__init__.py").write_text("")
+    (root / "nanodet" / "model" / "__init__.py").write_text("")
+    (root / "nanodet" / "util" / "__init__.py").write_text(_FAKE_UTIL)
+    (root / "nanodet" / "model" / "arch" / "__init__.py").write_text(_FAKE_ARCH)
+    (root / "config" / "nanodet-plus-tiny.yml").write_text(json.dumps({
+        "model": {"arch": {"name": "NanoDetPlus", "backbone": {}, "head": {}, "aux_head": {}}},
+        "data": {"train": {"input_size": [64, 64]}},
+        "schedule": {"optimizer": {"name": "AdamW", "lr": 0.001}}, "grad_clip": 35}))
+    return root
+
+
+def test_reference_steps_alternate_with_ours(fake_reference, monkeypatch):
+    pytest.importorskip("torch")
+    calls = []
+
+    def fake_ours(cfg, b, detach):
+        def one_step():
+            calls.append("ours")
+            return 0.5
+        return one_step, 3.0, {"metrics": {"loss": np.float32(1.0)}}
+
+    monkeypatch.setattr(train_suite, "_compiled_step", fake_ours)
+    real_stepper = train_suite.ReferenceStepper
+
+    class Spy(real_stepper):
+        def step(self):
+            calls.append("ref")
+            return super().step()
+
+    monkeypatch.setattr(train_suite, "ReferenceStepper", Spy)
+    out = train_suite.time_step_with_reference(train_suite.tiny_config(64), 2, False, 3,
+                                               str(fake_reference), "tiny")
+    assert calls == ["ours", "ref"] * 3  # interleaved, one step each
+    ref = out["reference"]
+    assert ref["steps"] == 3 and ref["loss_finite"] and ref["epoch"] == 0
+    assert ref["optimizer"] == "torch.optim.AdamW" and ref["grad_clip"] == 35.0
+    assert 0 < ref["step_s_min"] <= ref["step_s_median"]
+    assert ref["peak_rss_mb"] > 0
+    # ours over theirs (from the unrounded median; the reported one is rounded to 0.1 ms)
+    assert out["ratio_ours_over_reference"] == pytest.approx(0.5 / ref["step_s_median"],
+                                                             rel=0.05)
+    assert out["compile_s"] == 3.0 and out["step_s_median"] == 0.5
+
+
+def test_failing_reference_step_is_a_clear_error(fake_reference, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setenv("FAKE_REFERENCE_FAIL", "1")
+    batch = train_suite.random_batch(2, (64, 64), 5)
+    with pytest.raises(ReferenceUnavailable, match="failed on purpose") as e:
+        ReferenceStepper(fake_reference, "tiny", 5, batch, False)
+    assert "the reference step for tiny (batch 2) failed" in str(e.value)
+    assert str(fake_reference) in str(e.value)
