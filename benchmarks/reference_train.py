@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -140,7 +141,9 @@ class ReferenceStepper:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
         self._reply("ready")
 
-    def _reply(self, expect: str) -> dict:
+    def _reply(self, expect: str) -> Any:
+        """The next reply's ``expect`` field; a missing or malformed reply (the subprocess
+        failed) kills it and raises :class:`ReferenceUnavailable` with its stderr's tail."""
         line = self._proc.stdout.readline()
         try:
             msg = json.loads(line)
