@@ -151,3 +151,42 @@ def test_rejects_bad_arguments():
         dense_conv(x, jnp.zeros((3, 3, 3, 2)), stride=0)
     with pytest.raises(ValueError, match="padding"):
         dense_conv(x, jnp.zeros((3, 3, 3, 2)), padding=-1)
+
+
+
+def _branch(case):
+    n, h, w, cin, cout, k, s, p = CASES[case]
+    x, kernel, _ = _inputs(n, h, w, cin, cout, k, s, p)
+    jaxpr = str(jax.make_jaxpr(lambda a, b: dense_conv(a, b, s, p, "taps"))(x, kernel))
+    return ("custom_vjp" if "custom_vjp_call" in jaxpr else
+            "conv" if "conv_general_dilated" in jaxpr else "dot")
+
+
+def test_native_conv_gradients_traces_the_plain_conv_and_is_scoped():
+    with dc.native_conv_gradients():
+        assert _branch("taps_k3_s1") == "conv"
+        assert _branch("im2col_stem") == "dot"  # the 3-channel stem keeps im2col
+        with dc.native_conv_gradients(False):
+            assert _branch("taps_k3_s1") == "custom_vjp"
+        assert _branch("taps_k3_s1") == "conv"
+    assert _branch("taps_k3_s1") == "custom_vjp"  # outside: the tap form again
+
+
+@pytest.mark.parametrize("case", ["taps_k3_s1", "taps_k3_s2", "native_dk_small_map"])
+def test_eigen_options_with_native_gradients_match_conv_and_its_autodiff(case):
+    """What the train step compiles on CPU: the plain conv's values and gradients."""
+    options = dc.eigen_conv_options()
+    if jax.default_backend() == "cpu":
+        assert options, "this jaxlib's XLA:CPU should accept the Eigen-convolution option"
+    n, h, w, cin, cout, k, s, p = CASES[case]
+    x, kernel, cot = _inputs(n, h, w, cin, cout, k, s, p)
+
+    def run(a, b, g):
+        with dc.native_conv_gradients(bool(options)):
+            y, vjp = jax.vjp(lambda u, v: dense_conv(u, v, s, p, "taps"), a, b)
+            return (y, *vjp(g))
+
+    got = jax.jit(run, compiler_options=options)(x, kernel, cot)
+    ref = value_and_vjp(lambda u, v: _reference(u, v, s, p))(x, kernel, cot)
+    for name, g_, r_ in zip(("y", "dx", "dkernel"), got, ref):
+        check(g_, r_, name, "max")

@@ -9,21 +9,25 @@ Implementations (``impl``):
 
 * ``"native"``: that convolution and its autodiff (GPU/TPU, where forward, input gradient and
   weight gradient are all fast).
-* ``"taps"``: XLA:CPU runs a dense conv's forward and input gradient near oneDNN speed, but
-  its *weight* gradient (a convolution of ``x`` with the cotangent over the batch axis) is
-  3-5x slower than the forward on large maps (3x3, 192->192, batch 8, 40x40: forward 75 ms,
-  input gradient 76 ms, weight gradient 365 ms on a 2-core AVX-512 Xeon). This form keeps the
-  native forward and input gradient and, when the output has at least
+* ``"taps"``: jaxlib 0.10's XLA:CPU runs convolutions through YNNPACK by default: forward and
+  input gradient at ~170 GFLOP/s, but the *weight* gradient (a convolution of ``x`` with the
+  cotangent over the batch axis) 3-5x slower (3x3, 192->192, batch 8, 40x40 on a 2-core
+  AVX-512 Xeon: forward 49 ms, input gradient 50 ms, weight gradient 178 ms). This form keeps
+  the native forward and input gradient and, when the output has at least
   ``TAP_GRAD_MIN_POSITIONS`` positions ``N*H'*W'``, computes the weight gradient per tap as
-  one matmul (105 ms in the case above)::
+  one matmul (78 ms in the case above)::
 
       dk[i, j] = x_tap(i, j)^T . g        x_tap: (N*H'*W', C_in), g: (N*H'*W', C_out)
 
   with ``x_tap(i, j) = x_pad[:, i::s, j::s]`` cut to the output size. Smaller maps keep the
-  native weight gradient (faster there: 10x10, same channels, 7 ms native vs 10 ms taps).
-  Convs with very few input channels (``C_in*kh*kw <= IM2COL_MAX_DEPTH``, the 3-channel
-  stem) run as im2col + one matmul (XLA:CPU is ~4x slower on them as convolutions), which
-  autodiff turns into matmuls as well.
+  native weight gradient. Convs with very few input channels (``C_in*kh*kw <=
+  IM2COL_MAX_DEPTH``, the 3-channel stem) run as im2col + one matmul (XLA:CPU is ~4x slower
+  on them as convolutions), which autodiff turns into matmuls as well.
+* **Eigen convolutions** (:func:`eigen_conv_options`, what the train step compiles with on
+  CPU): XLA:CPU's Eigen convolutions are faster on every part -- same case: forward 39 ms,
+  input gradient 38 ms, weight gradient 43 ms -- so there the native weight gradient is
+  the fast one: inside :func:`native_conv_gradients` (a trace-time context), ``"taps"``
+  traces the plain native convolution (the im2col stem stays).
 * ``None`` / ``"auto"``: ``"taps"`` if ``jax.default_backend() == "cpu"`` **at trace time**,
   else ``"native"``.
 
@@ -37,6 +41,10 @@ Dtypes: the weight-gradient products accumulate in float32 for low-precision inp
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
 from functools import partial
 
 import jax
@@ -48,6 +56,44 @@ from nanodet_jax.models.depthwise import _out_size, resolve_impl
 IM2COL_MAX_DEPTH = 64  # C_in*kh*kw at or below this: im2col + matmul on CPU
 TAP_GRAD_MIN_POSITIONS = 2048  # N*H'*W' from which the tap-wise weight gradient is faster
 _DIMS = ("NHWC", "HWIO", "NHWC")
+
+# YNNPACK keeps dots and reductions (its default list minus INDIVIDUAL_CONVOLUTION)
+_EIGEN_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_native_grads = threading.local()
+
+
+@functools.cache
+def eigen_conv_options() -> dict:
+    """XLA compiler options that run XLA:CPU's convolutions on Eigen instead of YNNPACK.
+
+    Empty where they do not apply: a non-CPU default backend, or a jaxlib whose XLA lacks the
+    option (checked once by compiling a small convolution with it). Compile a program with
+    these options *and* trace it inside :func:`native_conv_gradients`; the m_320 train step
+    (batch 8, 2-core Xeon) took 0.944x the time of YNNPACK + tap-wise weight gradients,
+    10 interleaved rounds."""
+    if jax.default_backend() != "cpu":
+        return {}
+    x = jax.ShapeDtypeStruct((1, 4, 4, 2), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 2, 2), jnp.float32)
+    try:
+        jax.jit(lambda a, b: _native(a, b, 1, 1)).lower(x, k).compile(
+            compiler_options=_EIGEN_CONV_OPTIONS)
+    except Exception:  # an XLA without the option: keep its defaults (and the tap form)
+        return {}
+    return dict(_EIGEN_CONV_OPTIONS)
+
+
+@contextlib.contextmanager
+def native_conv_gradients(active: bool = True) -> Iterator[None]:
+    """While tracing inside this context, ``"taps"`` dense convs trace the native conv
+    (native weight gradient): the fast form under :func:`eigen_conv_options`."""
+    before = getattr(_native_grads, "active", False)
+    _native_grads.active = active
+    try:
+        yield
+    finally:
+        _native_grads.active = before
 
 
 def _pad(x: jax.Array, p: int) -> jax.Array:
@@ -144,4 +190,6 @@ def dense_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 
         return _native(x, kernel, stride, padding)
     if kh * kw > 1 and cin * kh * kw <= IM2COL_MAX_DEPTH:
         return im2col_conv(x, kernel, stride, padding)
+    if getattr(_native_grads, "active", False):
+        return _native(x, kernel, stride, padding)
     return _tap_grad_conv(x, kernel, stride, padding)

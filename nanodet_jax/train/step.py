@@ -9,7 +9,8 @@ EMA untouched (the update is skipped inside the step, no host sync) and is count
 ``detach`` is static (the reference's ``epoch >= detach_epoch``): a run compiles exactly two
 variants. The state argument is donated. Metrics stay on the device; fetch them only when
 logging. :func:`jit_train_step` with a mesh runs the same step data-parallel over every
-device (``nanodet_jax.train.sharding``).
+device (``nanodet_jax.train.sharding``). On CPU it compiles with Eigen convolutions and
+native conv gradients (``nanodet_jax.models.dense_conv.eigen_conv_options``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from nanodet_jax.models.dense_conv import eigen_conv_options, native_conv_gradients
 from nanodet_jax.objective import loss_and_grads
 from nanodet_jax.train.ema import ema_update
 from nanodet_jax.train.sharding import batch_sharding, replicated
@@ -80,18 +82,26 @@ def jit_train_step(step: StepFn, mesh: Mesh | None = None) -> StepFn:
     metrics come out replicated. The math is the one-device step's (jit has global
     semantics: BN statistics and losses are over the global batch).
     """
+    options = eigen_conv_options()
+
+    def traced(state: TrainState, batch: dict, detach: bool) -> tuple[TrainState, Metrics]:
+        with native_conv_gradients(bool(options)):
+            return step(state, batch, detach)
+
     if mesh is None:
-        return jax.jit(step, static_argnums=(2,), donate_argnums=(0,))
+        return jax.jit(traced, static_argnums=(2,), donate_argnums=(0,),
+                       compiler_options=options)
     rep = replicated(mesh)
 
     def on_mesh(state: TrainState, batch: dict, detach: bool) -> tuple[TrainState, Metrics]:
         # per-image work that XLA would not keep split (the assigner's top-k) shard_maps
         # over the mesh it finds here
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, batch, detach)
+            return traced(state, batch, detach)
 
     return jax.jit(on_mesh, static_argnums=(2,), donate_argnums=(0,),
-                   in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep))
+                   in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep),
+                   compiler_options=options)
 
 
 def fresh_train_step(cfg: Any, steps_per_epoch: int, seed: int = 0) -> tuple[StepFn, TrainState]:
