@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -426,3 +427,28 @@ def test_train_script_help_lists_the_main_options():
     assert proc.returncode == 0
     for flag in ("--config", "--workdir", "--resume", "--force"):
         assert flag in proc.stdout
+
+
+def _conv_computations_on_ynnpack(hlo: str) -> tuple[int, int]:
+    """(convolutions in the compiled module, those inside a YNNPACK fusion)."""
+    ynn = set(re.findall(r'calls=(%?[\w.\-]+)[^\n]*"kind":"__ynn_fusion"', hlo))
+    comps = {c.strip().split(" ", 1)[0]: c for c in hlo.split("\n\n") if c.strip()}
+    convs = [name for name, body in comps.items() for _ in re.findall(r" convolution\(", body)]
+    return len(convs), sum(name.lstrip("%") in {y.lstrip("%") for y in ynn} for name in convs)
+
+
+def test_jit_train_step_compiles_eigen_convolutions_with_native_gradients():
+    """On CPU the step's dense 3x3 convs, their input and weight gradients are plain
+    convolutions compiled off YNNPACK (``dense_conv.eigen_conv_options``), not the tap form."""
+    from nanodet_jax.models.dense_conv import dense_conv, eigen_conv_options
+
+    def step(kernel, x, detach):
+        grad = jax.grad(lambda k: jnp.sum(jnp.square(dense_conv(x, k, 1, 1))))(kernel)
+        return kernel - grad, {"loss": jnp.sum(grad)}
+
+    kernel, x = jnp.ones((3, 3, 8, 8)) * 0.1, jnp.ones((2, 32, 32, 8))
+    hlo = jit_train_step(step).lower(kernel, x, False).compile().as_text()
+    convs, on_ynn = _conv_computations_on_ynnpack(hlo)
+    if jax.default_backend() == "cpu" and eigen_conv_options():
+        assert convs >= 2 and on_ynn == 0, (convs, on_ynn)  # forward, dx, dk (dx may fuse)
+        assert " dot(" not in hlo  # no tap-wise weight-gradient matmuls
