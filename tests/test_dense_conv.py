@@ -59,15 +59,19 @@ def test_taps_matches_conv_and_its_autodiff(case):
     _compare("taps", *CASES[case])
 
 
+def _branch(case: str) -> str:
+    """Which form ``dense_conv(..., "taps")`` traces for ``CASES[case]``."""
+    n, h, w, cin, cout, k, s, p = CASES[case]
+    x, kernel, _ = _inputs(n, h, w, cin, cout, k, s, p)
+    jaxpr = str(jax.make_jaxpr(lambda a, b: dense_conv(a, b, s, p, "taps"))(x, kernel))
+    return ("custom_vjp" if "custom_vjp_call" in jaxpr else
+            "conv" if "conv_general_dilated" in jaxpr else "dot")
+
+
 def test_branches_are_taken_as_documented():
-    def branch(n, h, w, cin, cout, k, s, p):
-        x, kernel, _ = _inputs(n, h, w, cin, cout, k, s, p)
-        jaxpr = str(jax.make_jaxpr(lambda a, b: dense_conv(a, b, s, p, "taps"))(x, kernel))
-        return ("custom_vjp" if "custom_vjp_call" in jaxpr else
-                "conv" if "conv_general_dilated" in jaxpr else "dot")
-    assert branch(*CASES["taps_k3_s1"]) == "custom_vjp"
-    assert branch(*CASES["im2col_stem"]) == "dot"
-    assert branch(*CASES["pointwise"]) == "dot"
+    assert _branch("taps_k3_s1") == "custom_vjp"
+    assert _branch("im2col_stem") == "dot"
+    assert _branch("pointwise") == "dot"
     n, h, w, _, _, _, s, _ = CASES["taps_k3_s1"]
     assert n * h * w // (s * s) >= dc.TAP_GRAD_MIN_POSITIONS
 
@@ -151,15 +155,6 @@ def test_rejects_bad_arguments():
         dense_conv(x, jnp.zeros((3, 3, 3, 2)), stride=0)
     with pytest.raises(ValueError, match="padding"):
         dense_conv(x, jnp.zeros((3, 3, 3, 2)), padding=-1)
-
-
-
-def _branch(case):
-    n, h, w, cin, cout, k, s, p = CASES[case]
-    x, kernel, _ = _inputs(n, h, w, cin, cout, k, s, p)
-    jaxpr = str(jax.make_jaxpr(lambda a, b: dense_conv(a, b, s, p, "taps"))(x, kernel))
-    return ("custom_vjp" if "custom_vjp_call" in jaxpr else
-            "conv" if "conv_general_dilated" in jaxpr else "dot")
 
 
 def test_native_conv_gradients_traces_the_plain_conv_and_is_scoped():

@@ -431,10 +431,11 @@ def test_train_script_help_lists_the_main_options():
 
 def _conv_computations_on_ynnpack(hlo: str) -> tuple[int, int]:
     """(convolutions in the compiled module, those inside a YNNPACK fusion)."""
-    ynn = set(re.findall(r'calls=(%?[\w.\-]+)[^\n]*"kind":"__ynn_fusion"', hlo))
+    ynn = {name.lstrip("%") for name in
+           re.findall(r'calls=(%?[\w.\-]+)[^\n]*"kind":"__ynn_fusion"', hlo)}
     comps = {c.strip().split(" ", 1)[0]: c for c in hlo.split("\n\n") if c.strip()}
     convs = [name for name, body in comps.items() for _ in re.findall(r" convolution\(", body)]
-    return len(convs), sum(name.lstrip("%") in {y.lstrip("%") for y in ynn} for name in convs)
+    return len(convs), sum(name.lstrip("%") in ynn for name in convs)
 
 
 def test_jit_train_step_compiles_eigen_convolutions_with_native_gradients():

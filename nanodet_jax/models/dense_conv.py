@@ -11,7 +11,7 @@ Implementations (``impl``):
   weight gradient are all fast).
 * ``"taps"``: jaxlib 0.10's XLA:CPU runs convolutions through YNNPACK by default: forward and
   input gradient at ~170 GFLOP/s, but the *weight* gradient (a convolution of ``x`` with the
-  cotangent over the batch axis) 3-5x slower (3x3, 192->192, batch 8, 40x40 on a 2-core
+  cotangent over the batch axis) 3-4x slower (3x3, 192->192, batch 8, 40x40 on a 2-core
   AVX-512 Xeon: forward 49 ms, input gradient 50 ms, weight gradient 178 ms). This form keeps
   the native forward and input gradient and, when the output has at least
   ``TAP_GRAD_MIN_POSITIONS`` positions ``N*H'*W'``, computes the weight gradient per tap as
