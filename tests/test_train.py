@@ -32,6 +32,7 @@ from nanodet_jax.data.synthetic import (
     split_paths,
     write_synthetic_dataset,
 )
+from nanodet_jax.models.dense_conv import dense_conv, eigen_conv_options
 from nanodet_jax.train.checkpoints import (
     ResumeError,
     TrainCheckpoints,
@@ -441,8 +442,6 @@ def _conv_computations_on_ynnpack(hlo: str) -> tuple[int, int]:
 def test_jit_train_step_compiles_eigen_convolutions_with_native_gradients():
     """On CPU the step's dense 3x3 convs, their input and weight gradients are plain
     convolutions compiled off YNNPACK (``dense_conv.eigen_conv_options``), not the tap form."""
-    from nanodet_jax.models.dense_conv import dense_conv, eigen_conv_options
-
     def step(kernel, x, detach):
         grad = jax.grad(lambda k: jnp.sum(jnp.square(dense_conv(x, k, 1, 1))))(kernel)
         return kernel - grad, {"loss": jnp.sum(grad)}

@@ -42,10 +42,9 @@ Dtypes: the weight-gradient products accumulate in float32 for low-precision inp
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from collections.abc import Iterator
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +62,7 @@ _EIGEN_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 _native_grads = threading.local()
 
 
-@functools.cache
+@cache
 def eigen_conv_options() -> dict:
     """XLA compiler options that run XLA:CPU's convolutions on Eigen instead of YNNPACK.
 
