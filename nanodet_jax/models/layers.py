@@ -18,6 +18,7 @@ from jax import lax
 
 from nanodet_jax.models.dense_conv import dense_conv
 from nanodet_jax.models.depthwise import depthwise_conv
+from nanodet_jax.models.normalization import batch_norm_train, group_norm
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -167,22 +168,38 @@ class BatchNorm(nn.Module):
         count = self.variable("batch_stats", "num_batches_tracked",
                               lambda: jnp.zeros((), jnp.int32))
         if use_ra:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            # statistics in at least float32 (bf16 inputs), float64 stays float64
-            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-            mean = jnp.mean(xf, axis=axes)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
-            if not self.is_initializing():
-                n = math.prod(x.shape[:-1])
-                unbiased = var * (n / max(n - 1, 1))
-                m = self.momentum
-                ra_mean.value = (1 - m) * ra_mean.value + m * lax.stop_gradient(mean)
-                ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(unbiased)
-                count.value = count.value + 1
-        inv = lax.rsqrt(var + self.epsilon) * scale
-        return (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
+            inv = lax.rsqrt(ra_var.value + self.epsilon) * scale
+            return ((x - ra_mean.value.astype(x.dtype)) * inv.astype(x.dtype)
+                    + bias.astype(x.dtype))
+        # statistics in at least float32 (bf16 inputs), float64 stays float64; one op with a
+        # closed-form backward (nanodet_jax/models/normalization.py: far fewer kernels)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            n = math.prod(x.shape[:-1])
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            ra_mean.value = (1 - m) * ra_mean.value + m * mean
+            ra_var.value = (1 - m) * ra_var.value + m * unbiased
+            count.value = count.value + 1
+        return y
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm like PyTorch's and flax's: statistics per sample over the spatial axes and
+    ``C / num_groups`` consecutive channels, two-pass (E[(x - E[x])^2], not E[x^2] - E[x]^2),
+    in float32; output in the activation dtype (bf16 stays bf16). Params ``scale``, ``bias``
+    (C,), as flax's ``nn.GroupNorm``. One op with a closed-form backward
+    (:func:`nanodet_jax.models.normalization.group_norm`)."""
+
+    num_groups: int = 32
+    epsilon: float = BN_EPS
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon)
 
 
 class ConvModule(nn.Module):
@@ -207,10 +224,7 @@ class ConvModule(nn.Module):
         if self.norm == "BN":
             x = BatchNorm(use_running_average=not train, name="bn")(x)
         elif self.norm == "GN":
-            # two-pass statistics (E[(x - E[x])^2]) like PyTorch, not E[x^2] - E[x]^2
-            # statistics in float32 (flax), output in the activation dtype (bf16 stays bf16)
-            x = nn.GroupNorm(num_groups=self.gn_groups, epsilon=BN_EPS, use_fast_variance=False,
-                             name="gn")(x).astype(x.dtype)
+            x = GroupNorm(num_groups=self.gn_groups, name="gn")(x)
         elif self.norm is not None:
             raise ValueError(f"unsupported norm {self.norm!r} (use 'BN', 'GN' or None)")
         return activation_fn(self.activation)(x)
