@@ -47,13 +47,17 @@ def _inputs(shape, dtype, seed=0):
     return [jnp.asarray(a, dtype) for a in (x, scale, bias, ct)]
 
 
-def _value_and_vjp(fn, x, scale, bias, ct, args):
-    def y_only(x, scale, bias):
+def _y_only(fn, args):
+    """``(x, scale, bias) -> y`` of a norm op (batch_norm_train also returns statistics)."""
+    def y(x, scale, bias):
         out = fn(x, scale, bias, *args, EPS)
         return out[0] if isinstance(out, tuple) else out
+    return y
 
+
+def _value_and_vjp(fn, x, scale, bias, ct, args):
     out = fn(x, scale, bias, *args, EPS)
-    _, vjp = jax.vjp(y_only, x, scale, bias)
+    _, vjp = jax.vjp(_y_only(fn, args), x, scale, bias)
     return [np.asarray(a, np.float64) for a in (*(out if isinstance(out, tuple) else (out,)),
                                                 *vjp(ct))]
 
@@ -94,11 +98,11 @@ def test_bf16_input_float32_statistics(case):
     assert y.dtype == jnp.bfloat16
     if isinstance(out, tuple):
         assert out[1].dtype == out[2].dtype == jnp.float32
-    _, vjp = jax.vjp(lambda x, s, b: (op(x, s, b, *args, EPS)[0] if isinstance(out, tuple)
-                                      else op(x, s, b, *args, EPS)), xb, scale, bias)
+    _, vjp = jax.vjp(_y_only(op, args), xb, scale, bias)
     dx, ds, db = vjp(ct.astype(jnp.bfloat16))
     assert (dx.dtype, ds.dtype, db.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
-    ref = _value_and_vjp(op, x, scale, bias, ct, args)  # float32 on the bf16-rounded values
+    # float32 on the bf16-rounded input: y differs by the bf16 rounding of the output
+    ref = _value_and_vjp(op, xb.astype(jnp.float32), scale, bias, ct, args)
     assert np.max(np.abs(np.asarray(y, np.float32) - ref[0])) < 0.1
 
 

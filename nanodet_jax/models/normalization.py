@@ -58,9 +58,14 @@ def _affine(x: Array, mean: Array, inv: Array, scale: Array, bias: Array) -> Arr
     return ((x.astype(mean.dtype) - mean) * (inv * scale) + bias).astype(x.dtype)
 
 
-def _normalize_plain(x, scale, bias, axes, epsilon):
+def _forward(x, scale, bias, axes, epsilon):
     mean, var = _moments(x, axes)
-    y = _affine(x, mean, lax.rsqrt(var + epsilon), scale, bias)
+    inv = lax.rsqrt(var + epsilon)
+    return _affine(x, mean, inv, scale, bias), mean, var, inv
+
+
+def _normalize_plain(x, scale, bias, axes, epsilon):
+    y, mean, var, _ = _forward(x, scale, bias, axes, epsilon)
     return y, lax.stop_gradient(mean), lax.stop_gradient(var)
 
 
@@ -71,12 +76,6 @@ def _normalize(x: Array, scale: Array, bias: Array, axes: tuple[int, ...],
     where they are shared). Returns ``(y, mean, var)``, statistics with ``axes`` kept."""
     y, mean, var, _ = _forward(x, scale, bias, axes, epsilon)
     return y, mean, var
-
-
-def _forward(x, scale, bias, axes, epsilon):
-    mean, var = _moments(x, axes)
-    inv = lax.rsqrt(var + epsilon)
-    return _affine(x, mean, inv, scale, bias), mean, var, inv
 
 
 def _fwd(x, scale, bias, axes, epsilon):
