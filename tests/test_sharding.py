@@ -152,15 +152,15 @@ def worker(out: Path, init: Path) -> None:
         jax.tree.leaves(state.params), jax.tree.leaves(start)))
     arrays = {f"state/{jax.tree_util.keystr(k)}": np.asarray(v) for k, v in
               jax.tree_util.tree_leaves_with_path(
-                  {"params": state.params, "batch_stats": state.batch_stats, "ema": state.ema})}
+                  {"params": state.params, "batch_stats": state.batch_stats,
+                   "ema": state.ema_variables})}
     # head outputs spread out (kernel x30, bias 0), so that scores are far from ties (at init
     # they all sit near sigmoid(bias) = 0.01, and rounding decides their order)
     def spread(path, x):
         name = jax.tree_util.keystr(path)
         return x if "gfl_cls" not in name else x * 30 if "kernel" in name else x * 0
 
-    ema = jax.tree_util.tree_map_with_path(
-        spread, {"params": state.ema["params"], "batch_stats": state.ema["batch_stats"]})
+    ema = jax.tree_util.tree_map_with_path(spread, state.ema_variables)
     per_image, _ = predict(build_model(cfg, with_aux=False), ema, eval_batches(rng), cfg,
                            mesh=mesh)
     res["eval_ids"] = sorted(per_image)

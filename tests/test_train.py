@@ -48,6 +48,7 @@ from nanodet_jax.train.loop import (
 )
 from nanodet_jax.train.metrics_log import SUPERSEDED, read_rows
 from nanodet_jax.train.optim import make_optimizer
+from nanodet_jax.train.packed import PackedTree
 from nanodet_jax.train.schedule import make_lr_schedule
 from nanodet_jax.train.state import create_train_state
 from nanodet_jax.train.step import jit_train_step, make_train_step
@@ -334,7 +335,7 @@ def test_checkpoint_round_trip_is_exact_and_checks_the_structure(tmp_path):
     assert len(ptrs) == len(set(ptrs))
     saved = read_state(tmp_path / "best" / "1")
     assert len(saved) == len(jax.tree.leaves(state))
-    np.testing.assert_array_equal(saved["ema/params/w"], state.ema["params"]["w"])
+    np.testing.assert_array_equal(saved["ema/params/w"], state.ema_variables["params"]["w"])
     assert int(saved["step"]) == 1
     for later in (2, 3):  # keep=2: the oldest is dropped, the best kept apart
         ckpts.save(state.replace(step=jnp.int32(later)), {"epoch": later})
@@ -387,7 +388,7 @@ def test_failed_checkpoint_write_stops_and_keeps_the_last_good_one(tmp_path):
     stops with a message naming the last good checkpoint, which still restores."""
     _, state, _ = _toy_step()
     w = jax.random.normal(jax.random.PRNGKey(1), (100_000,))  # ~400 KB, incompressible
-    state = state.replace(params={"w": w}, ema={"params": {"w": w}})
+    state = state.replace(params={"w": w}, ema=PackedTree.pack({"params": {"w": w}}))
     meta = {"epoch": 1, "loader": {"epoch": 1, "batch": 0}, "best": None, "best_epoch": None}
     ckpts = TrainCheckpoints(tmp_path, keep=3)
     ckpts.save(state, meta)

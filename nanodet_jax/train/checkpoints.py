@@ -8,11 +8,13 @@ Layout of a workdir::
 
 ``state`` is the whole :class:`~nanodet_jax.train.state.TrainState` packed into one flat array
 per dtype (``float32``, ``int32``, ``uint32``); ``layout`` (JSON) says where each leaf lies in
-them: its path (``["ema", "params", "backbone", ...]``), dtype, shape and offset. Packing is
-exact (a leaf is a contiguous slice, bit for bit) and makes a save cost a few arrays instead
-of the ~2700 leaves of params + optimizer moments + EMA: orbax/tensorstore spend ~1-2 ms per
-array (a tiny model's state took 6-16 s to save, 0.1-0.3 s packed). ``meta`` (JSON) holds the
-epoch, the loader position and the best metric so far.
+them: its path (``["ema", "params", "backbone", ...]``), dtype, shape and offset. The EMA,
+stored flat in the state (:mod:`nanodet_jax.train.packed`), is written leaf by leaf
+(:func:`~nanodet_jax.train.packed.tree_view`), so its paths name the model's variables.
+Packing is exact (a leaf is a contiguous slice, bit for bit) and makes a save cost a few
+arrays instead of the ~2,200 leaves of params + EMA + optimizer state: orbax/tensorstore
+spend ~1-2 ms per array (a tiny model's state took 6-16 s to save, 0.1-0.3 s packed).
+``meta`` (JSON) holds the epoch, the loader position and the best metric so far.
 orbax writes into a temporary directory and renames it when complete, so a process killed
 while saving leaves the previous checkpoint intact (an unfinished one is ignored).
 
@@ -36,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nanodet_jax.data.record import ImageRecord
+from nanodet_jax.train.packed import from_tree_view, tree_view
 from nanodet_jax.train.state import TrainState
 
 LATEST, BEST = "checkpoints", "best"
@@ -132,7 +135,7 @@ def unpack_state(packed: dict[str, np.ndarray], layout: list[dict], template: An
 
 
 def _save_args(state: TrainState, meta: dict) -> ocp.args.Composite:
-    packed, layout = pack_state(state)
+    packed, layout = pack_state(tree_view(state))  # the EMA leaf by leaf: ema/params/...
     # host numpy arrays: orbax writes them from the primary process only
     return ocp.args.Composite(state=ocp.args.StandardSave(packed),
                               layout=ocp.args.JsonSave(layout), meta=ocp.args.JsonSave(meta))
@@ -184,7 +187,8 @@ class TrainCheckpoints:
                               "resume; start a new run in another --workdir")
         packed, layout, meta = _unpacked(mngr.restore(step, args=ocp.args.Composite(
             **_RESTORE_ARGS)))
-        return unpack_state(packed, layout, template), meta
+        view = unpack_state(packed, layout, tree_view(template))
+        return from_tree_view(template, view), meta
 
     def close(self) -> None:
         self.latest.close()

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from nanodet_jax.config import ConfigError
+from nanodet_jax.train.packed import PackedTree
 from nanodet_jax.train.schedule import as_dict, choice, real
 
 Array = jax.Array
@@ -64,20 +65,26 @@ def _average_leaf(ema: Array, value: Array, keep: Array, new: Array) -> Array:
     return avg.astype(ema.dtype)  # float -> int conversion truncates toward zero
 
 
-def ema_update(ema: Variables, variables: Variables, step: Array | int,
-               base: float = DEFAULT_BASE) -> Variables:
+def ema_update(ema: Variables | PackedTree, variables: Variables, step: Array | int,
+               base: float = DEFAULT_BASE) -> Variables | PackedTree:
     """One reference ``update(model, step)``.
 
     Args:
-      ema: the averaged variables (tree of arrays).
+      ema: the averaged variables: a tree of arrays, or a
+        :class:`~nanodet_jax.train.packed.PackedTree` of one (updated buffer by buffer:
+        one kernel per dtype instead of one per leaf; the same elementwise math).
       variables: the model's current variables, same tree, shapes and dtypes as ``ema``.
       step: int scalar, the counter the reference passes (updates done, 1 after the first).
       base: ``model.weight_averager.decay``.
 
     Returns:
-      The new averaged tree (same structure, shapes and dtypes as ``ema``).
+      The new average, in the form of ``ema`` (same structure, shapes and dtypes).
     """
     keep, new = ema_keep(step, base), ema_decay(step, base)
+    if isinstance(ema, PackedTree):
+        return ema.replace(buffers=tuple(
+            _average_leaf(e, v, keep, new)
+            for e, v in zip(ema.buffers, ema.pack_values(variables), strict=True)))
     return jax.tree.map(lambda e, v: _average_leaf(e, v, keep, new), ema, variables)
 
 

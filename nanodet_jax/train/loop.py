@@ -364,10 +364,9 @@ class Trainer:
     def _evaluate(self, state: TrainState, epoch: int, log: MetricsLog) -> dict:
         from nanodet_jax.train.evaluate import evaluate, format_per_class_table
 
-        ema = state.ema  # replicated on the mesh; every process evaluates its slice
-        result = evaluate(self.model, {"params": ema["params"],
-                                       "batch_stats": ema["batch_stats"]},
-                          self.val_loader, self.val_set, self.cfg, mesh=self.mesh)
+        # replicated on the mesh; every process evaluates its slice
+        result = evaluate(self.model, state.ema_variables, self.val_loader, self.val_set,
+                          self.cfg, mesh=self.mesh)
         metrics = dict(result.metrics)
         step = int(jax.device_get(state.step))
         with self._writing("the evaluation results"):
@@ -394,8 +393,7 @@ class Trainer:
             return
         from nanodet_jax.convert import flax_to_torch
 
-        ema = jax.device_get(state.ema)
-        sd = flax_to_torch({"params": ema["params"], "batch_stats": ema["batch_stats"]},
+        sd = flax_to_torch(jax.device_get(state.ema_variables),
                            reg_max=int(self.cfg.model.arch.head.reg_max))
         tmp = self.workdir / (BEST_PTH + ".tmp")
         torch.save({"state_dict": {k: torch.from_numpy(np.array(v))

@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import optax
 
 from nanodet_jax.config import ConfigError
+from nanodet_jax.train.packed import leaf_starts, unravel_at
 from nanodet_jax.train.schedule import as_dict, choice, fields, make_lr_schedule, real
-from nanodet_jax.train.tree_reduce import global_norm
+from nanodet_jax.train.tree_reduce import concat_leaves, global_norm
 
 Array = jax.Array
 
@@ -68,12 +69,17 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
 
 class TorchAdamState(NamedTuple):
-    """Moments of ``scale_by_torch_adam``; ``nu_max`` is ``()`` without amsgrad."""
+    """Moments of ``scale_by_torch_adam``, flat: ``mu``, ``nu`` (and ``nu_max`` with amsgrad,
+    else ``()``) are ``(N,)`` over the concatenated parameters
+    (:func:`~nanodet_jax.train.tree_reduce.concat_leaves` order, their promoted dtype);
+    ``starts`` holds each parameter's int32 offset in them (runtime values,
+    :func:`~nanodet_jax.train.packed.unravel_at`)."""
 
     count: Array
-    mu: Any
-    nu: Any
+    mu: Array
+    nu: Array
     nu_max: Any
+    starts: tuple[Array, ...]
 
 
 def _bias_correction(beta: float, t: Array) -> Array:
@@ -86,27 +92,30 @@ def scale_by_torch_adam(b1: float, b2: float, eps: float,
     """torch's Adam direction ``(m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
 
     With ``amsgrad`` the running maximum of the *uncorrected* ``v`` is used (torch; optax's
-    ``scale_by_amsgrad`` takes the maximum of the corrected one, which differs).
+    ``scale_by_amsgrad`` takes the maximum of the corrected one, which differs). The moments
+    are updated as flat vectors (one kernel each instead of one per parameter leaf:
+    ``nanodet_jax.train.packed``); the math is torch's, element by element.
     """
 
     def init(params):
         def zeros():  # separate buffers per moment: a train state is donated leaf by leaf
-            return jax.tree.map(jnp.zeros_like, params)
+            return jnp.zeros_like(concat_leaves(params))
 
         return TorchAdamState(jnp.zeros([], jnp.int32), zeros(), zeros(),
-                              zeros() if amsgrad else ())
+                              zeros() if amsgrad else (), leaf_starts(params))
 
     def update(updates, state, params=None):
         del params
-        mu = jax.tree.map(lambda m, g: m + (1 - b1) * (g - m), state.mu, updates)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * (g * g), state.nu, updates)
-        nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu) if amsgrad else ()
+        g = concat_leaves(updates)
+        mu = state.mu + (1 - b1) * (g - state.mu)
+        nu = b2 * state.nu + (1 - b2) * (g * g)
+        nu_max = jnp.maximum(state.nu_max, nu) if amsgrad else ()
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
         c1, c2 = _bias_correction(b1, t), jnp.sqrt(_bias_correction(b2, t))
-        out = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v) / c2 + eps), mu,
-                           nu_max if amsgrad else nu)
-        return out, TorchAdamState(count, mu, nu, nu_max)
+        out = (mu / c1) / (jnp.sqrt(nu_max if amsgrad else nu) / c2 + eps)
+        return (unravel_at(out, state.starts, updates),
+                TorchAdamState(count, mu, nu, nu_max, state.starts))
 
     return optax.GradientTransformation(init, update)
 

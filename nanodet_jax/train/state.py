@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from nanodet_jax.train.ema import ema_init
+from nanodet_jax.train.packed import PackedTree
 
 Array = jax.Array
 
@@ -21,9 +22,11 @@ class TrainState:
     ``params`` only (BN statistics are not optimised; ``num_batches_tracked`` is an integer
     ``batch_stats`` leaf and never reaches the optimizer); ``ema``: the reference's
     ``ExpMovingAverager`` copy of ``{'params', 'batch_stats'}`` (integer leaves follow its
-    truncating rule); ``rng``: a PRNG key (split once per step; kept so a resumed run draws
-    what an uninterrupted one would); ``skipped``: updates skipped for a non-finite loss or
-    gradient, ``bad_streak``: how many of the latest steps were skipped in a row."""
+    truncating rule), stored as a :class:`~nanodet_jax.train.packed.PackedTree` (one flat
+    buffer per dtype; :attr:`ema_variables` is the tree); ``rng``: a PRNG key (split once
+    per step; kept so a resumed run draws what an uninterrupted one would); ``skipped``:
+    updates skipped for a non-finite loss or gradient, ``bad_streak``: how many of the latest
+    steps were skipped in a row."""
 
     step: Array
     params: Any
@@ -38,6 +41,12 @@ class TrainState:
     def variables(self) -> dict:
         """Live ``{'params', 'batch_stats'}`` (what ``model.apply`` takes)."""
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    @property
+    def ema_variables(self) -> dict:
+        """The EMA ``{'params', 'batch_stats'}`` as a tree (what evaluation and exports
+        use)."""
+        return self.ema.unpack()
 
 
 def create_train_state(variables: dict, optimizer: optax.GradientTransformation,
@@ -54,6 +63,6 @@ def create_train_state(variables: dict, optimizer: optax.GradientTransformation,
     return TrainState(step=zero(), params=variables["params"],
                       batch_stats=variables["batch_stats"],
                       opt_state=optimizer.init(variables["params"]),
-                      ema=ema_init({"params": variables["params"],
-                                    "batch_stats": variables["batch_stats"]}),
+                      ema=PackedTree.pack(ema_init({"params": variables["params"],
+                                                    "batch_stats": variables["batch_stats"]})),
                       rng=rng, skipped=zero(), bad_streak=zero())
