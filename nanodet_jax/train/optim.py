@@ -98,8 +98,10 @@ def scale_by_torch_adam(b1: float, b2: float, eps: float,
     """
 
     def init(params):
+        flat = concat_leaves(params)
+
         def zeros():  # separate buffers per moment: a train state is donated leaf by leaf
-            return jnp.zeros_like(concat_leaves(params))
+            return jnp.zeros_like(flat)
 
         return TorchAdamState(jnp.zeros([], jnp.int32), zeros(), zeros(),
                               zeros() if amsgrad else (), leaf_starts(params))
