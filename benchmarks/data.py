@@ -3,7 +3,9 @@
 A synthetic COCO-format set (``nanodet_jax.data.synthetic``, 640x640 JPEGs, generated into a
 temporary directory) is loaded through ``build_loader`` with the reference training pipeline
 of ``configs/nanodet_plus_m_{320,416}.py`` at batch 8, with 0 (in-process threads), 1 and 2
-worker processes. Worker start-up (the first batch) is reported apart from the steady rate.
+worker processes. The loader starts and stops its worker processes with every epoch: the
+wait for each epoch's first batch and after its last are reported apart from the steady
+rate.
 ``--quick``: 24 images, one worker setting.
 """
 
@@ -24,19 +26,25 @@ BATCH = 8
 
 
 def _rate(loader, epochs: int) -> dict:
-    t0 = time.perf_counter()
-    it = loader.epoch(0)
-    next(it)
-    first_s = time.perf_counter() - t0
-    n, t0 = 0, time.perf_counter()
-    for b in it:
-        n += len(b["image"])
-    for e in range(1, epochs):
-        for b in loader.epoch(e):
+    """Per epoch: the first batch's wait (``first_batch_s``: worker processes start with
+    every epoch) and the wait after the last batch until the epoch ends (``epoch_end_s``:
+    workers stop); ``images_per_s``: the steady rate from each epoch's first batch to its
+    last."""
+    firsts, ends, n, steady = [], [], 0, 0.0
+    for e in range(epochs):
+        t0 = time.perf_counter()
+        it = loader.epoch(e)
+        next(it)
+        t_first = time.perf_counter()
+        firsts.append(round(t_first - t0, 3))
+        t_last = t_first
+        for b in it:
             n += len(b["image"])
-    dt = time.perf_counter() - t0
-    return {"first_batch_s": round(first_s, 3), "images": n,
-            "images_per_s": round(n / dt, 1) if dt > 0 else None}
+            t_last = time.perf_counter()
+        ends.append(round(time.perf_counter() - t_last, 3))
+        steady += t_last - t_first
+    return {"first_batch_s": firsts, "epoch_end_s": ends, "images": n,
+            "images_per_s": round(n / steady, 1) if steady > 0 else None}
 
 
 def run(args) -> dict:

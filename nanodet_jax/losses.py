@@ -79,6 +79,13 @@ def quality_focal_loss(pred: Array, labels: Array, scores: Array, weight: Array 
     over classes to ``(N,)`` and reduced by :func:`weight_reduce_loss`. The modulating
     factors are *not* detached (gradients flow through ``s``).
 
+    Both terms are evaluated on every entry and selected: they share ``s`` and
+    ``log_sigmoid(x)``, so XLA fuses loss and gradient into one pass over ``(N, C)``. Measured
+    on XLA:CPU (head loss + gradient, m_320 shapes, batch 8): evaluating the positive term at
+    the label only (gather or masked sum) and sharing the background term with the assigner
+    made it slower (kernel time 48-53 -> 65-78 ms: a scatter for the gather's gradient and
+    materialised ``(B, P, C)`` intermediates), so the fused form stays.
+
     Returns:
       ``(N,)`` for ``reduction='none'``, else a scalar.
     """
