@@ -13,10 +13,11 @@ worker processes), so the two rates can be compared in one JSON.
 
 ``--reference PATH`` (a RangiLyu/nanodet checkout, with torch installed; not with
 ``--quick``): each case also times the reference's own training step on the same images and
-GT boxes (:mod:`benchmarks.reference_train`, one subprocess per case), its steps
-alternating with ours, and adds ``reference`` (first-step time, median step time, images/s,
-peak RSS of that subprocess), ``ratio_ours_over_reference`` (our median step time over the
-reference's) and ``ratio_per_round``. PATH and torch are checked before any timing starts.
+GT boxes (:mod:`benchmarks.reference_train`, one subprocess per case), the two taking
+turns of three steps (:func:`time_step_with_reference`), and adds ``reference`` (first-step
+time, median step time, images/s, peak RSS of that subprocess), ``ratio_ours_over_reference``
+(our median steady step time over the reference's), ``ratio_per_round`` and ``after_switch``
+(the same for each turn's first step). PATH and torch are checked before any timing starts.
 """
 
 from __future__ import annotations
@@ -93,13 +94,16 @@ def _compiled_step(cfg, batch_size: int, detach: bool):
 
 
 def _summary(times: list[float], batch_size: int, first: dict, box: dict,
-             before, after) -> dict:
+             before, after, steps: int | None = None) -> dict:
+    """Medians of ``times``; system CPU and faults between the rusages ``before`` and
+    ``after``, per step of the ``steps`` (default ``len(times)``) run between them."""
     med = statistics.median(times)
+    steps = steps or len(times)
     return {**{k: round(v, 2) for k, v in first.items()}, "step_s_median": round(med, 4),
             "step_s_min": round(min(times), 4), "images_per_s": round(batch_size / med, 2),
             # host allocator cost (see nanodet_jax.hugepages): per timed step, whole process
-            "system_cpu_s_per_step": round((after.ru_stime - before.ru_stime) / len(times), 3),
-            "minor_faults_per_step": round((after.ru_minflt - before.ru_minflt) / len(times)),
+            "system_cpu_s_per_step": round((after.ru_stime - before.ru_stime) / steps, 3),
+            "minor_faults_per_step": round((after.ru_minflt - before.ru_minflt) / steps),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "loss_finite": bool(np.isfinite(float(box["metrics"]["loss"])))}
 
@@ -113,31 +117,66 @@ def time_step(cfg, batch_size: int, detach: bool, repeats: int) -> dict:
     return _summary(times, batch_size, first, box, before, after)
 
 
-def time_step_with_reference(cfg, batch_size: int, detach: bool, repeats: int,
-                             reference: str, case: str) -> dict:
+BLOCK = 3  # steps per side and round with --reference: one just after the switch, 2 steady
+
+
+def _timed(one_step) -> tuple[float, float]:
+    """``one_step()``'s wall seconds and the system CPU seconds this process spent in it."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    wall = one_step()
+    return wall, resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
+
+
+def time_step_with_reference(cfg, batch_size: int, detach: bool, rounds: int,
+                             reference: str, case: str, block: int = BLOCK) -> dict:
     """:func:`time_step` with the reference's step of ``case`` on the same batch, the two
-    alternating: ``repeats`` rounds of one step of ours then one of the reference's (after
-    each side's untimed first step). Adds ``reference`` (its times and
+    taking turns: ``rounds`` rounds of ``block`` steps of ours then ``block`` of the
+    reference's (after each side's untimed first step).
+
+    The first step of each side's turn comes just after the other process ran for seconds;
+    the other ``block - 1`` follow their own side's step, as every step of a training run
+    does. Both are reported, for both sides: ``step_s_median`` and ``reference.step_s_median``
+    over the steady steps, and ``after_switch`` with the medians of the turns' first steps.
+    They differ where the machine takes back memory a process freed while the other ran
+    (a VM's free-page reporting hands it to the host after ~2 s idle, and the next step
+    faults it in from the host: see :mod:`nanodet_jax.hugepages`); our system CPU seconds
+    per step are reported apart for the two kinds of step. Adds ``reference`` (its times and
     :meth:`~benchmarks.reference_train.ReferenceStepper.close` summary),
-    ``ratio_ours_over_reference`` (median over median) and ``ratio_per_round`` (the median of
-    the rounds' ratios: each compares two steps taken seconds apart)."""
+    ``ratio_ours_over_reference`` (steady median over steady median) and ``ratio_per_round``
+    (the median over rounds of each round's ratio of steady medians: two turns seconds
+    apart)."""
+    if block < 2:
+        raise ValueError(f"block={block}: a turn needs a steady step after its first")
     one_step, first, box = _compiled_step(cfg, batch_size, detach)
-    ours, theirs = [], []
+    ours, theirs = [], []  # per round: [(wall, sys), ...] and [wall, ...], ``block`` each
     with ReferenceStepper(reference, case, int(cfg.model.arch.head.num_classes),
                           case_batch(cfg, batch_size), detach) as ref:
         before = resource.getrusage(resource.RUSAGE_SELF)
-        for _ in range(repeats):
-            ours.append(one_step())
-            theirs.append(ref.step())
+        for _ in range(rounds):
+            ours.append([_timed(one_step) for _ in range(block)])
+            theirs.append([ref.step() for _ in range(block)])
         after = resource.getrusage(resource.RUSAGE_SELF)
         info = ref.close()
-    out = _summary(ours, batch_size, first, box, before, after)
-    med = statistics.median(theirs)
-    out["reference"] = {"step_s_median": round(med, 4), "step_s_min": round(min(theirs), 4),
+    steady = [w for turn in ours for w, _ in turn[1:]]
+    out = _summary(steady, batch_size, first, box, before, after, rounds * block)
+    med = statistics.median(t for turn in theirs for t in turn[1:])
+    first_ours = statistics.median(turn[0][0] for turn in ours)
+    first_theirs = statistics.median(turn[0] for turn in theirs)
+    out["system_cpu_s_per_step"] = {
+        "steady": round(statistics.mean(s for turn in ours for _, s in turn[1:]), 3),
+        "after_switch": round(statistics.mean(turn[0][1] for turn in ours), 3)}
+    out["reference"] = {"step_s_median": round(med, 4),
+                        "step_s_min": round(min(t for turn in theirs for t in turn[1:]), 4),
                         "images_per_s": round(batch_size / med, 2), **info}
     out["ratio_ours_over_reference"] = round(out["step_s_median"] / med, 3)
-    out["ratio_per_round"] = round(statistics.median(a / b for a, b in zip(ours, theirs)), 3)
-    out["protocol"] = f"interleaved: {repeats} rounds of one step of ours, one of the reference's"
+    out["ratio_per_round"] = round(statistics.median(
+        statistics.median(w for w, _ in a[1:]) / statistics.median(b[1:])
+        for a, b in zip(ours, theirs)), 3)
+    out["after_switch"] = {"step_s_median": round(first_ours, 4),
+                           "reference_step_s_median": round(first_theirs, 4),
+                           "ratio_ours_over_reference": round(first_ours / first_theirs, 3)}
+    out["protocol"] = (f"{rounds} rounds of {block} steps of ours then {block} of the "
+                       f"reference's; steady = all but each turn's first step")
     return out
 
 
@@ -150,8 +189,8 @@ def run(args) -> dict:
     if reference and quick:
         raise ValueError("--reference times the m_320/m_416 cases: it does not go with --quick")
     ref_info = check_reference(reference) if reference else None  # fail before any timing
-    # interleaved with the reference: more rounds (each compares two steps seconds apart)
-    repeats = max(2, min(getattr(args, "repeats", 20), 3 if quick else 10 if reference else 5))
+    # with the reference: rounds of BLOCK steps per side (each compares two turns seconds apart)
+    repeats = max(2, min(getattr(args, "repeats", 20), 3 if quick else 6 if reference else 5))
     out: dict = {"cpu_count": os.cpu_count(), "backend": jax.default_backend(),
                  "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
                  "repeats": repeats, "optimizer": "AdamW + clip 35 + EMA",

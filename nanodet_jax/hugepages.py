@@ -18,9 +18,24 @@ tunable) when it would apply: Linux, glibc >= 2.35, transparent huge pages set t
 glibc that does not know it). A ``GLIBC_TUNABLES`` that already sets ``glibc.malloc.hugetlb``
 is left as it is.
 
-Not done instead: keeping the block in the heap (``mallopt`` one arena, no ``mmap``, no
-trim) removes the faults too, but serialises every thread's malloc on one lock (synthetic
-step 242-269 ms -> 323-361 ms on the same machine).
+Because the block is unmapped after every step, its memory goes back to the kernel in
+between. Steps that follow each other reuse it at once; after a pause of a few seconds (an
+evaluation, or another process taking turns with ours, as the train benchmark's
+``--reference`` does) a virtual machine may have handed it to its host. This project's
+Firecracker VMs report free memory to the host (virtio-balloon free-page reporting, 2 MiB
+blocks, ~2 s after they are freed), and the same number of faults then costs several times
+the system CPU. m_416, batch 8, 2-core AMD EPYC VM, huge pages on, one process: 4 steps
+back to back took ~2,070 faults and 0.26-0.51 s of system CPU each, 4 steps each after a
+``time.sleep(4)`` the same faults and 1.97-3.08 s. The training loop runs its steps back to
+back, so only the first step after an evaluation pays this.
+
+Not done instead: keeping the block in the heap (``GLIBC_TUNABLES`` with
+``glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<large>``)
+removes the faults and the pause effect (m_416 above: 0-5 faults and 0.04-0.09 s of system
+CPU per step, sleeps or not, same peak RSS), but serialises every thread's malloc on one
+lock: the synthetic config's step (batch 16) took 0.168/0.179 s against 0.133/0.150 s with
+huge pages (medians of 30 steps, processes alternating; earlier, on a Xeon: 242-269 ms ->
+323-361 ms).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmarks with JSON output.
 
-    python scripts/benchmark.py --suite depthwise|max_pool|loss|inference|data|train|all \
-        [--out results.json]
+    python scripts/benchmark.py \
+        --suite depthwise|max_pool|loss|inference|data|train|step_profile|all [--out results.json]
     python scripts/benchmark.py --suite train --reference PATH   # + the PyTorch reference's step
 
 Run from a repository checkout: each suite lives in the top-level ``benchmarks/<suite>.py``
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20, help="timed repetitions per case")
     p.add_argument("--quick", action="store_true", help="smaller cases (smoke test)")
     p.add_argument("--cases", metavar="PATTERN", default="*",
-                   help="train suite: only the cases whose name matches this shell pattern, "
-                        "e.g. '*_b8_before_detach' or 'm_320_*'")
+                   help="train/step_profile suites: only the cases whose name matches this shell "
+                        "pattern, e.g. '*_b8_before_detach' or 'm_320_*'")
     p.add_argument("--reference", metavar="PATH",
                    help="train suite: also time the PyTorch reference's step from this "
                         "RangiLyu/nanodet checkout (needs torch)")
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--reference goes with --suite train only")
     if args.reference and args.quick:
         p.error("--reference times the m_320/m_416 cases: it does not go with --quick")
-    if args.cases != "*" and args.suite != "train":
-        p.error("--cases goes with --suite train only")
+    if args.cases != "*" and args.suite not in ("train", "step_profile"):
+        p.error("--cases goes with --suite train or step_profile only")
 
     import jax
 

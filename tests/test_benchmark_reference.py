@@ -93,7 +93,7 @@ def test_train_suite_runs_only_the_selected_cases(monkeypatch):
 def test_cli_cases_only_with_train(capsys):
     with pytest.raises(SystemExit):
         _benchmark_main()(["--suite", "loss", "--cases", "m_320_*"])
-    assert "--cases goes with --suite train only" in capsys.readouterr().err
+    assert "--cases goes with --suite train or step_profile only" in capsys.readouterr().err
 
 
 # A stand-in for a reference checkout: the package layout and the few calls the worker makes
@@ -181,14 +181,15 @@ def fake_reference(tmp_path):
     return root
 
 
-def test_reference_steps_alternate_with_ours(fake_reference, monkeypatch):
+def test_reference_steps_take_turns_with_ours(fake_reference, monkeypatch):
     pytest.importorskip("torch")
     calls = []
+    walls = iter([0.9, 0.5, 0.5] * 2)  # ours: each turn's first step slower
 
     def fake_ours(cfg, b, detach):
         def one_step():
             calls.append("ours")
-            return 0.5
+            return next(walls)
         first = {"compile_s": 3.0, "first_step_s": 1.0}
         return one_step, first, {"metrics": {"loss": np.float32(1.0)}}
 
@@ -201,11 +202,11 @@ def test_reference_steps_alternate_with_ours(fake_reference, monkeypatch):
             return super().step()
 
     monkeypatch.setattr(train_suite, "ReferenceStepper", Spy)
-    out = train_suite.time_step_with_reference(train_suite.tiny_config(64), 2, False, 3,
-                                               str(fake_reference), "tiny")
-    assert calls == ["ours", "ref"] * 3  # interleaved, one step each
+    out = train_suite.time_step_with_reference(train_suite.tiny_config(64), 2, False, 2,
+                                               str(fake_reference), "tiny", block=3)
+    assert calls == (["ours"] * 3 + ["ref"] * 3) * 2  # turns of three steps each
     ref = out["reference"]
-    assert ref["steps"] == 3 and ref["loss_finite"] and ref["epoch"] == 0
+    assert ref["steps"] == 6 and ref["loss_finite"] and ref["epoch"] == 0
     assert ref["optimizer"] == "torch.optim.AdamW" and ref["grad_clip"] == 35.0
     assert 0 < ref["step_s_min"] <= ref["step_s_median"]
     assert ref["peak_rss_mb"] > 0
@@ -215,7 +216,13 @@ def test_reference_steps_alternate_with_ours(fake_reference, monkeypatch):
     assert 0.5 / (med + 5e-5) - 5e-4 <= out["ratio_ours_over_reference"]
     assert out["ratio_ours_over_reference"] <= 0.5 / max(med - 5e-5, 1e-6) + 5e-4
     assert out["compile_s"] == 3.0 and out["first_step_s"] == 1.0
-    assert out["step_s_median"] == 0.5
+    assert out["step_s_median"] == 0.5  # steady steps only
+    assert out["after_switch"]["step_s_median"] == 0.9  # each turn's first step
+    assert out["after_switch"]["reference_step_s_median"] > 0
+    assert set(out["system_cpu_s_per_step"]) == {"steady", "after_switch"}
+    with pytest.raises(ValueError, match="block=1"):
+        train_suite.time_step_with_reference(train_suite.tiny_config(64), 2, False, 2,
+                                             str(fake_reference), "tiny", block=1)
 
 
 def test_failing_reference_step_is_a_clear_error(fake_reference, monkeypatch):
