@@ -4,7 +4,8 @@ and kind of kernel."""
 import math
 
 from benchmarks import step_profile as profile
-from benchmarks.train import tiny_config
+from nanodet_jax.config import validate
+from tests.configs import light_tiny
 
 
 def test_classify_reads_part_pass_and_kind_from_op_name():
@@ -34,7 +35,8 @@ ENTRY %main (p: f32[4]) -> f32[4] {
 
 
 def test_profile_step_accounts_for_the_whole_step():
-    out = profile.profile_step(tiny_config(), 2, steps=1, top=5)
+    cfg = validate(light_tiny(64), "<step profile test>")  # compile-light
+    out = profile.profile_step(cfg, 2, steps=1, top=5)
     total = out["kernel_ms"]
     assert total > 0 and out["step_ms"] > 0
     for key in ("by_part", "by_part_and_pass", "by_kind"):  # each is a split of the total
