@@ -15,8 +15,8 @@ is ``model.set_epoch(0)`` / ``model.set_epoch(model.detach_epoch)``.
 Each case runs in a fresh subprocess (this file run as a script, :class:`ReferenceStepper`)
 with ``torch.set_num_threads(os.cpu_count())``: its peak RSS is its own and torch's thread
 pool does not share a process with XLA's. The subprocess stays ready between steps, so the
-train suite alternates them with ours (one of ours, one of the reference's, ...): both sides
-see the same moments of a machine whose speed drifts. :func:`check_reference` imports the
+train suite has them take turns with ours (three of ours, three of the reference's, ...):
+both sides see the same moments of a machine whose speed drifts. :func:`check_reference` imports the
 reference the same way and fails, naming PATH and what is missing, before any timing starts.
 """
 
@@ -113,9 +113,9 @@ def check_reference(path: str | os.PathLike, cases: Sequence[str] = CASES) -> di
 
 class ReferenceStepper:
     """The reference's train step for ``case`` (``m_320``...) on ``batch``, kept ready in a
-    subprocess so that its steps can alternate with ours (one step each, in turn): this
-    machine kind's speed drifts by tens of percent within minutes, so timing one side after
-    the other compares two different machines.
+    subprocess so that its steps can take turns with ours (a few steps each): this machine
+    kind's speed drifts by tens of percent within minutes, so timing one side after the
+    other compares two different machines.
 
     ``batch`` is our padded numpy batch (see :func:`to_reference_inputs`). Starting it builds
     the reference model, optimizer and EMA and runs one untimed first step;
