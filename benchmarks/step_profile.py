@@ -52,8 +52,8 @@ def classify(op_name: str, opcode: str, line: str) -> tuple[str, str, str]:
     scopes = op_name.split("/")
     part = next((p for p in scopes if p in PARTS), None)
     if part is None:
-        part = ("update" if "/cond/" in op_name or op_name.startswith("jit(traced)/cond")
-                else "loss" if "jvp(" in op_name else "other" if op_name else "unattributed")
+        part = ("update" if "cond" in scopes else "loss" if "jvp(" in op_name
+                else "other" if op_name else "unattributed")
     direction = "backward" if "transpose(" in op_name else "forward"
     kind = ("library" if opcode == "fusion" and "__ynn_fusion" in line
             else opcode if opcode in ("convolution", "dot", "fusion", "copy") else "other")
