@@ -21,7 +21,12 @@ import pytest
 import torch
 
 from nanodet_jax.config import ConfigError, nanodet_plus_recipe
-from nanodet_jax.train.optim import current_lr, make_optimizer, update_count
+from nanodet_jax.train.optim import (
+    current_lr,
+    make_optimizer,
+    reference_chain,
+    update_count,
+)
 from nanodet_jax.train.schedule import lr_tables, make_lr_schedule
 from tests.fixtures import assert_close
 
@@ -242,6 +247,29 @@ def test_optimizer_matches_torch(opt_cfg, clip):
         for (path, got), ref in zip(jax.tree_util.tree_leaves_with_path(params),
                                     jax.tree.leaves(ref_params[g])):
             assert_close(f"step {g} {jax.tree_util.keystr(path)}", got, ref, tol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_flat_optimizer_equals_the_chain_leaf_by_leaf(name):
+    """``make_optimizer`` runs its chain on one flat vector (``flat``): the same updates as
+    the chain applied leaf by leaf, and one buffer per moment, whatever the leaf count."""
+    opt_cfg = {"name": name, "lr": 0.01, "weight_decay": 0.05,
+               **({"momentum": 0.9} if name == "SGD" else {})}
+    cfg = {"schedule": {**TINY_SCHEDULE, "optimizer": opt_cfg}, "grad_clip": 35}
+    flat_tx, chain = make_optimizer(cfg, 3), reference_chain(cfg, 3)
+    rng = np.random.default_rng(1)
+    params = _tree(rng)
+    s_flat, s_tree = flat_tx.init(params), chain.init(params)
+    one_leaf = flat_tx.init({"w": jnp.zeros(7)})
+    assert jax.tree.structure(s_flat.inner) == jax.tree.structure(one_leaf.inner)
+    for g in [_tree(rng, 50.0), _tree(rng, 1.0), _tree(rng, 2.0)]:
+        u_flat, s_flat = jax.jit(flat_tx.update)(g, s_flat, params)
+        u_tree, s_tree = jax.jit(chain.update)(g, s_tree, params)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(u_flat),
+                                jax.tree.leaves(u_tree)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert_close(jax.tree_util.keystr(path), a, b, tol=1e-6)
+        params = optax.apply_updates(params, u_flat)
 
 
 def test_optimizer_from_recipe_config():

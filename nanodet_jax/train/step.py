@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 from jax.sharding import Mesh
 
 from nanodet_jax.models.dense_conv import eigen_conv_options, native_conv_gradients
@@ -33,6 +34,12 @@ from nanodet_jax.train.tree_reduce import all_finite, global_norm
 Array = jax.Array
 Metrics = dict[str, Array]
 StepFn = Callable[[TrainState, dict, bool], tuple[TrainState, Metrics]]
+
+# XLA runs its HLO verifier (a debug check of the compiler's own invariants) after every pass
+# pipeline: ~100 runs over the step's ~45k instructions, 1.7-2.2 s of the m_320 step's
+# compile on a 2-core VM (jax.profiler trace of the compile: RunInvariantCheckers). The step
+# skips it; a program XLA mis-compiles is then not caught by XLA itself.
+STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "hlo-verifier"}
 
 
 def make_train_step(objective: Callable, optimizer: optax.GradientTransformation,
@@ -51,21 +58,28 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
                                                         detach)
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & all_finite(grads)
-
-        def apply(s: TrainState) -> TrainState:
-            updates, opt_state = optimizer.update(grads, s.opt_state, s.params)
-            params = optax.apply_updates(s.params, updates)
-            step = s.step + 1
-            ema = ema_update(s.ema, {"params": params, "batch_stats": new_bn}, step)
-            return s.replace(step=step, params=params, batch_stats=new_bn,
-                             opt_state=opt_state, ema=ema, bad_streak=jnp.zeros_like(s.step))
-
-        def skip(s: TrainState) -> TrainState:
-            return s.replace(skipped=s.skipped + 1, bad_streak=s.bad_streak + 1)
-
         lr = lr_schedule(state.step)
+        # The update is computed unconditionally and each leaf keeps its old value when the
+        # step is not finite (a select fused into the kernel computing the new value): a
+        # lax.cond would add a branch, and copies of the state leaves, to compile for a
+        # choice that costs nothing at run time (the optimizer works on one flat vector).
+        def keep(new: Any, old: Any) -> Any:  # lax.select: no jnp.where call per leaf
+            return jax.tree.map(
+                lambda a, b: lax.select(lax.broadcast(finite, a.shape), a, b), new, old)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = keep(optax.apply_updates(state.params, updates), state.params)
+        batch_stats = keep(new_bn, state.batch_stats)
+        step_count = state.step + finite.astype(state.step.dtype)
+        # from the kept values, so that each new value has one user (the select) and is
+        # computed in the select's kernel; a skipped step drops this EMA anyway
+        ema = ema_update(state.ema, {"params": params, "batch_stats": batch_stats}, step_count)
         rng, _ = jax.random.split(state.rng)
-        state = jax.lax.cond(finite, apply, skip, state.replace(rng=rng))
+        state = state.replace(
+            step=step_count, params=params, batch_stats=batch_stats,
+            opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema), rng=rng,
+            skipped=state.skipped + (~finite).astype(state.skipped.dtype),
+            bad_streak=jnp.where(finite, 0, state.bad_streak + 1).astype(state.bad_streak.dtype))
         metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": lr, "finite": finite}
         return state, metrics
 
@@ -82,10 +96,11 @@ def jit_train_step(step: StepFn, mesh: Mesh | None = None) -> StepFn:
     metrics come out replicated. The math is the one-device step's (jit has global
     semantics: BN statistics and losses are over the global batch).
     """
-    options = eigen_conv_options()
+    conv_options = eigen_conv_options()
+    options = {**conv_options, **STEP_COMPILER_OPTIONS}
 
     def traced(state: TrainState, batch: dict, detach: bool) -> tuple[TrainState, Metrics]:
-        with native_conv_gradients(bool(options)):
+        with native_conv_gradients(bool(conv_options)):
             return step(state, batch, detach)
 
     if mesh is None:
