@@ -7,7 +7,8 @@ and filed by what the instruction's ``op_name`` says it comes from:
 
 - ``part``: ``backbone``, ``fpn``, ``aux_fpn``, ``head``, ``aux_head`` (the modules' scopes),
   ``loss`` (assignment, both heads' losses: the rest of the forward and its transpose),
-  ``update`` (clip, AdamW, EMA: the step's update branch), ``other``, ``unattributed``
+  ``update`` (clip, AdamW, EMA, the non-finite select: the step's ``update`` scope),
+  ``other``, ``unattributed``
   (kernels XLA made without an ``op_name``: layout copies, reversed kernels);
 - ``pass``: ``forward`` or ``backward`` (a ``transpose(...)`` of autodiff);
 - ``kind``: ``convolution``, ``dot``, ``library`` (YNNPACK fusions: dots, reductions),
@@ -52,7 +53,7 @@ def classify(op_name: str, opcode: str, line: str) -> tuple[str, str, str]:
     scopes = op_name.split("/")
     part = next((p for p in scopes if p in PARTS), None)
     if part is None:
-        part = ("update" if "cond" in scopes else "loss" if "jvp(" in op_name
+        part = ("update" if "update" in scopes else "loss" if "jvp(" in op_name
                 else "other" if op_name else "unattributed")
     direction = "backward" if "transpose(" in op_name else "forward"
     kind = ("library" if opcode == "fusion" and "__ynn_fusion" in line

@@ -17,7 +17,7 @@ def test_classify_reads_part_pass_and_kind_from_op_name():
     assert profile.classify(bwd, "fusion", "kind=kLoop") == ("backbone", "backward", "fusion")
     assert profile.classify("jit(traced)/jvp(vmap())/top_k/", "sort", "") == (
         "loss", "forward", "other")
-    assert profile.classify("jit(traced)/cond/branch_1_fun/add", "fusion", "")[0] == "update"
+    assert profile.classify("jit(traced)/update/add", "fusion", "")[0] == "update"
     assert profile.classify("", "copy", "") == ("unattributed", "forward", "copy")
     # a scope named like a part but longer ("headless") is not that part
     assert profile.classify("jit(traced)/jvp(X)/headless/mul", "dot", "")[0] == "loss"

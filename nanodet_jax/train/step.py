@@ -67,19 +67,22 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
             return jax.tree.map(
                 lambda a, b: lax.select(lax.broadcast(finite, a.shape), a, b), new, old)
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = keep(optax.apply_updates(state.params, updates), state.params)
-        batch_stats = keep(new_bn, state.batch_stats)
-        step_count = state.step + finite.astype(state.step.dtype)
-        # from the kept values, so that each new value has one user (the select) and is
-        # computed in the select's kernel; a skipped step drops this EMA anyway
-        ema = ema_update(state.ema, {"params": params, "batch_stats": batch_stats}, step_count)
-        rng, _ = jax.random.split(state.rng)
-        state = state.replace(
-            step=step_count, params=params, batch_stats=batch_stats,
-            opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema), rng=rng,
-            skipped=state.skipped + (~finite).astype(state.skipped.dtype),
-            bad_streak=jnp.where(finite, 0, state.bad_streak + 1).astype(state.bad_streak.dtype))
+        with jax.named_scope("update"):  # op_name scope: benchmarks/step_profile.py
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = keep(optax.apply_updates(state.params, updates), state.params)
+            batch_stats = keep(new_bn, state.batch_stats)
+            step_count = state.step + finite.astype(state.step.dtype)
+            # from the kept values, so that each new value has one user (the select) and is
+            # computed in the select's kernel; a skipped step drops this EMA anyway
+            ema = ema_update(state.ema, {"params": params, "batch_stats": batch_stats},
+                             step_count)
+            rng, _ = jax.random.split(state.rng)
+            streak = jnp.where(finite, 0, state.bad_streak + 1).astype(state.bad_streak.dtype)
+            state = state.replace(
+                step=step_count, params=params, batch_stats=batch_stats,
+                opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema), rng=rng,
+                skipped=state.skipped + (~finite).astype(state.skipped.dtype),
+                bad_streak=streak)
         metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": lr, "finite": finite}
         return state, metrics
 
