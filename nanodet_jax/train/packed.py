@@ -15,7 +15,7 @@ to 21.9-23.1 s (README, Performance); the arithmetic is the same, element by ele
   (a tree as one vector of its promoted dtype). It slices at **runtime** offsets
   (``starts``, int32 scalars that live in the train state): with static offsets every leaf's
   slice would be a distinct kernel to compile, with runtime ones all leaves of one shape
-  share one. Adam's flat moments use them.
+  share one. The optimizer, which runs on one flat vector (``optim.flat``), uses them.
 * :func:`tree_view` / :func:`from_tree_view`: a state with every ``PackedTree`` replaced by
   its tree and back (checkpoints keep the per-leaf layout on disk: ``ema/params/...``).
 """
