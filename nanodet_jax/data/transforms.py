@@ -22,7 +22,6 @@ Sizes are ``(width, height)`` like the reference config's ``input_size``; image 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -81,29 +80,13 @@ def resize_matrix(src_wh: SizeWH, dst_wh: SizeWH, keep_ratio: bool) -> np.ndarra
         -sw / 2, -sh / 2)
 
 
-_CV_DISPATCH = threading.Lock()
-
-
 def warp_image(img: np.ndarray, matrix: np.ndarray, dst_wh: SizeWH) -> np.ndarray:
     """``cv2.warpPerspective`` of ``img (H, W, C)`` to ``(dst_h, dst_w, C)`` (bilinear,
-    constant 0 border); dtype is kept.
-
-    Runs with OpenCV's CPU-dispatched SIMD code off (``cv2.setUseOptimized(False)`` for this
-    call only, restored after; a lock keeps threads from racing on that process-wide switch):
-    the AVX-512 warp rounds the source coordinates to OpenCV's 1/32-pixel grid differently
-    from the baseline and AVX2 code, so on an AVX-512 CPU 634 pixels of the 320x320
-    validation image differed from the reference's by one uint8 step. The baseline code is
-    the same on every CPU (0.33 -> 0.53 ms for a 640x480 -> 320x320 warp)."""
-    with _CV_DISPATCH:
-        optimized = cv2.useOptimized()
-        cv2.setUseOptimized(False)
-        try:
-            return cv2.warpPerspective(img, np.asarray(matrix, np.float64),
-                                       (int(dst_wh[0]), int(dst_wh[1])),
-                                       flags=cv2.INTER_LINEAR,
-                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        finally:
-            cv2.setUseOptimized(optimized)
+    constant 0 border); dtype is kept."""
+    return cv2.warpPerspective(img, np.asarray(matrix, np.float64), (int(dst_wh[0]),
+                                                                      int(dst_wh[1])),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                               borderValue=0)
 
 
 def warp_boxes(boxes: np.ndarray, matrix: np.ndarray, width: float, height: float) -> np.ndarray:
