@@ -37,8 +37,7 @@ import jax
 
 from benchmarks.train import CONFIG_DIR, case_batch, tiny_config
 from nanodet_jax.config import load_config
-from nanodet_jax.models.dense_conv import eigen_conv_options
-from nanodet_jax.train.step import STEP_COMPILER_OPTIONS, fresh_train_step
+from nanodet_jax.train.step import fresh_train_step, step_compiler_options
 
 TRACE_OPTION = {"xla_cpu_enable_xprof_traceme": True}
 PARTS = ("aux_fpn", "aux_head", "backbone", "fpn", "head")  # module scopes in op_name
@@ -120,7 +119,7 @@ def profile_step(cfg, batch_size: int, detach: bool = False, steps: int = 2,
     step, state = fresh_train_step(cfg, 100)
     batch = jax.device_put(case_batch(cfg, batch_size))
     compiled = step.lower(state, batch, detach).compile(
-        compiler_options={**eigen_conv_options(), **STEP_COMPILER_OPTIONS, **TRACE_OPTION})
+        compiler_options={**step_compiler_options(), **TRACE_OPTION})
     return profile_compiled(compiled, state, batch, steps, top)
 
 

@@ -42,6 +42,13 @@ StepFn = Callable[[TrainState, dict, bool], tuple[TrainState, Metrics]]
 STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "hlo-verifier"}
 
 
+def step_compiler_options() -> dict:
+    """The options the train step compiles with: Eigen convolutions on CPU
+    (:func:`~nanodet_jax.models.dense_conv.eigen_conv_options`) and
+    :data:`STEP_COMPILER_OPTIONS`."""
+    return {**eigen_conv_options(), **STEP_COMPILER_OPTIONS}
+
+
 def make_train_step(objective: Callable, optimizer: optax.GradientTransformation,
                     lr_schedule: Callable[[Array], Array]) -> StepFn:
     """Build the (un-jitted) step; :func:`jit_train_step` compiles it.
@@ -100,7 +107,7 @@ def jit_train_step(step: StepFn, mesh: Mesh | None = None) -> StepFn:
     semantics: BN statistics and losses are over the global batch).
     """
     conv_options = eigen_conv_options()
-    options = {**conv_options, **STEP_COMPILER_OPTIONS}
+    options = step_compiler_options()
 
     def traced(state: TrainState, batch: dict, detach: bool) -> tuple[TrainState, Metrics]:
         with native_conv_gradients(bool(conv_options)):
