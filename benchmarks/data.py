@@ -6,6 +6,10 @@ of ``configs/nanodet_plus_m_{320,416}.py`` at batch 8, with 0 (in-process thread
 worker processes. The loader starts and stops its worker processes with every epoch: the
 wait for each epoch's first batch and after its last are reported apart from the steady
 rate.
+``warp_ms``: one image warp alone (640x480 -> 320x320 / 416x416, uint8 BGR), milliseconds
+per call: ``nanodet_jax.data.warp.warp_perspective`` (bit-identical to the reference on every
+CPU) next to ``cv2.warpPerspective`` with OpenCV's run-time SIMD dispatch, for a scale-only
+matrix (validation, and training with the default recipe) and a rotated one.
 ``--quick``: 24 images, one worker setting.
 """
 
@@ -16,10 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 from nanodet_jax.config import load_config
 from nanodet_jax.data.loader import build_loader
 from nanodet_jax.data.readers import CocoDataset
 from nanodet_jax.data.synthetic import SyntheticSpec, split_paths, write_synthetic_dataset
+from nanodet_jax.data.warp import warp_perspective
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BATCH = 8
@@ -47,13 +55,39 @@ def _rate(loader, epochs: int) -> dict:
             "images_per_s": round(n / steady, 1) if steady > 0 else None}
 
 
+def _ms_per_call(fn, repeats: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return round((time.perf_counter() - t0) / repeats * 1e3, 3)
+
+
+def _warp_ms(repeats: int) -> dict:
+    """Per-call warp time of ours vs OpenCV's SIMD code, side by side (same images)."""
+    img = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    out: dict = {}
+    for size in (320, 416):
+        scale = np.diag([size / 640, size / 480, 1.0])
+        turn = np.array([[np.cos(0.1), -np.sin(0.1), 20.0], [np.sin(0.1), np.cos(0.1), -10.0],
+                         [0.0, 0.0, 1.0]]) @ scale
+        wh = (size, size)
+        for name, m in (("scale", scale), ("rotated", turn)):
+            out[f"{size}_{name}"] = {
+                "nanodet_jax": _ms_per_call(lambda m=m, wh=wh: warp_perspective(img, m, wh),
+                                            repeats),
+                "opencv_simd": _ms_per_call(lambda m=m, wh=wh: cv2.warpPerspective(
+                    img, m, wh, flags=cv2.INTER_LINEAR), repeats)}
+    return out
+
+
 def run(args) -> dict:
     quick = getattr(args, "quick", False)
     num = 24 if quick else 96
     out: dict = {"cpu_count": os.cpu_count(),
                  "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
                  "batch": BATCH, "source_images": f"{num} synthetic 640x640 JPEGs",
-                 "sizes": {}}
+                 "warp_ms": _warp_ms(20 if quick else 200), "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = write_synthetic_dataset(Path(tmp) / "syn", SyntheticSpec(
             seed=0, num_train=num, num_val=1, size=640))

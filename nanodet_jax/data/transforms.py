@@ -6,9 +6,10 @@ Spec §11.2-11.6. Everything here runs on the host, per image, before batching:
   ``M = Resize @ A`` where ``A`` is the augmentation matrix (identity for validation: the
   reference's centre/translate pair cancels exactly with the val defaults, spec §11.4), so
   the training pipeline only has to build ``A`` and call :func:`shape_transform`;
-* :func:`warp_image` is ``cv2.warpPerspective`` (bilinear, constant 0 border): OpenCV maps a
-  destination pixel ``u`` to ``M^-1 u`` without a half-pixel offset and with 1/32-pixel
-  fixed-point weights, so parity needs OpenCV itself;
+* :func:`warp_image` is the reference's ``cv2.warpPerspective`` (bilinear, constant 0
+  border; a destination pixel ``u`` samples ``M^-1 u``, no half-pixel offset), replayed
+  bit-exactly by :func:`nanodet_jax.data.warp.warp_perspective`: OpenCV's own result
+  depends on the CPU's instruction set (see that module);
 * :func:`warp_boxes` transforms the 4 corners in float64, takes min/max, clips, casts to
   float32; no box is dropped (quirk #3);
 * colour: :func:`to_unit_float` (``uint8 / 255`` in float32), then (training: colour jitter),
@@ -25,8 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
+
+from nanodet_jax.data.warp import warp_perspective
 
 SizeWH = tuple[int, int]
 
@@ -81,12 +83,9 @@ def resize_matrix(src_wh: SizeWH, dst_wh: SizeWH, keep_ratio: bool) -> np.ndarra
 
 
 def warp_image(img: np.ndarray, matrix: np.ndarray, dst_wh: SizeWH) -> np.ndarray:
-    """``cv2.warpPerspective`` of ``img (H, W, C)`` to ``(dst_h, dst_w, C)`` (bilinear,
-    constant 0 border); dtype is kept."""
-    return cv2.warpPerspective(img, np.asarray(matrix, np.float64), (int(dst_wh[0]),
-                                                                      int(dst_wh[1])),
-                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                               borderValue=0)
+    """The reference's ``cv2.warpPerspective`` of ``img (H, W, C)`` to ``(dst_h, dst_w, C)``
+    (bilinear, constant 0 border), identical on every CPU; dtype is kept."""
+    return warp_perspective(img, matrix, (int(dst_wh[0]), int(dst_wh[1])))
 
 
 def warp_boxes(boxes: np.ndarray, matrix: np.ndarray, width: float, height: float) -> np.ndarray:
