@@ -271,14 +271,21 @@ def color_jitter(img_unit: np.ndarray, params: AugParams) -> np.ndarray:
     (values may leave ``[0, 1]``). Returns float32 ``(H, W, 3)``; the input is not modified
     and is returned as is when every colour parameter is ``None``."""
     img = np.asarray(img_unit, np.float32)
+    if params.brightness is None and params.contrast is None and params.saturation is None:
+        return img
+    return _color_jitter_(img.copy(), params)
+
+
+def _color_jitter_(img: np.ndarray, params: AugParams) -> np.ndarray:
+    """:func:`color_jitter` overwriting ``img`` (float32, owned by the caller)."""
     if params.brightness is not None:
-        img = img + np.float32(params.brightness)
+        img += np.float32(params.brightness)
     if params.contrast is not None:
-        img = img * np.float32(params.contrast)
+        img *= np.float32(params.contrast)
     if params.saturation is not None:
         hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
         hsv[..., 1] *= np.float32(params.saturation)
-        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+        cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)
     return img
 
 
@@ -297,7 +304,7 @@ def train_transform(img: np.ndarray, dst_wh: SizeWH, params: AugParams,
     """
     src_wh = (int(img.shape[1]), int(img.shape[0]))
     t = shape_transform(img, dst_wh, keep_ratio, aug_matrix(params, src_wh), divisible, boxes)
-    t.img = normalize(color_jitter(to_unit_float(t.img), params), mean, std)
+    t.img = normalize(_color_jitter_(to_unit_float(t.img), params), mean, std, inplace=True)
     return t
 
 

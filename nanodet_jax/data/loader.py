@@ -127,9 +127,11 @@ def transform_record(rec: ImageRecord, img: np.ndarray, spec: LoaderSpec, epoch:
         mean, std = normalize_stats(spec.pipeline)
         t = val_transform(img, spec.input_wh, spec.keep_ratio, mean, std, boxes)
     h, w = spec.pad_hw
-    out = np.zeros((h, w, 3), np.float32)
-    ih, iw = min(h, t.img.shape[0]), min(w, t.img.shape[1])
-    out[:ih, :iw] = t.img[:ih, :iw]
+    out = t.img
+    if out.shape != (h, w, 3):
+        out = np.zeros((h, w, 3), np.float32)
+        ih, iw = min(h, t.img.shape[0]), min(w, t.img.shape[1])
+        out[:ih, :iw] = t.img[:ih, :iw]
     g = spec.max_boxes
     n = rec.num_boxes
     if n > g:
