@@ -145,6 +145,8 @@ def test_colour_order_and_no_clipping():
                                   x - np.float32(0.3))
     assert A.color_jitter(x, A.AugParams()) is x
     assert A.color_jitter(x, A.AugParams(contrast=2.0)).max() == pytest.approx(2.0)
+    assert np.array_equal(x, np.linspace(0, 1, 60, dtype=np.float32).reshape(4, 5, 3)), (
+        "color_jitter modified its input")
 
 
 # ----------------------------------------------------------------------------------- flips

@@ -115,7 +115,10 @@ def test_warp_boxes_projective_and_empty():
 
 def test_normalize_and_collate():
     img = np.array([[[0, 128, 255]]], np.uint8)
-    out = T.normalize(T.to_unit_float(img))
+    unit = T.to_unit_float(img)
+    out = T.normalize(unit)
+    assert out is not unit and np.array_equal(unit, img / np.float32(255)), "input modified"
+    assert T.normalize(unit, inplace=True) is unit and np.array_equal(unit, out)
     expect = (np.float32([0, 128, 255]) / 255 - np.float32(T.DEFAULT_MEAN_BGR) / 255) / (
         np.float32(T.DEFAULT_STD_BGR) / 255)
     np.testing.assert_array_equal(out[0, 0], expect.astype(np.float32))
