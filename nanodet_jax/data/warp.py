@@ -130,8 +130,10 @@ def _warp_axis_aligned(src: np.ndarray, m: np.ndarray, dst_wh: tuple[int, int]) 
     need = np.unique(np.concatenate([r0, r0 + 1]))  # source rows read (padded numbering)
     top = np.searchsorted(need, r0)  # index in `need` of each output row's p00 row
     pixels = _pixels(src)
-    col_ok = [(c >= 1) & (c <= src_w) for c in (c0, c0 + 1)]
     cols = [np.clip(c - 1, 0, src_w - 1) for c in (c0, c0 + 1)]
+    # taps outside the image read 0: a few edge columns (zeroed per block) and the padding
+    # rows 0 and H+1 (zeroed where a block reads them)
+    col_off = [np.flatnonzero((c < 1) | (c > src_w)) for c in (c0, c0 + 1)]
     out = np.empty((h, w * chans), src.dtype)
     step = _block_rows(w * chans)
     for y0 in range(0, h, step):
@@ -139,15 +141,16 @@ def _warp_axis_aligned(src: np.ndarray, m: np.ndarray, dst_wh: tuple[int, int]) 
         lo, hi = int(tb.min()), int(tb.max()) + 2
         rows = need[lo:hi]
         block = pixels.take(np.clip(rows - 1, 0, src_h - 1), axis=0)  # (R, W) pixels
-
-        def taps(i: int, block: np.ndarray = block, rows: np.ndarray = rows) -> np.ndarray:
-            t = block.take(cols[i], axis=1).view(src.dtype).reshape(len(rows), w, chans)
-            t = t.astype(_F32)
-            t[:, ~col_ok[i]] = 0
-            t[(rows < 1) | (rows > src_h)] = 0
-            return t.reshape(len(rows), w * chans)
-
-        hrow = _lerp_(taps(0), taps(1), ax)  # horizontal lerp of each source row read
+        pad_rows = np.flatnonzero((rows < 1) | (rows > src_h))
+        taps = []
+        for c, off in zip(cols, col_off):
+            t = block.take(c, axis=1).view(src.dtype).astype(_F32).reshape(len(rows), w, chans)
+            if off.size:
+                t[:, off] = 0
+            if pad_rows.size:
+                t[pad_rows] = 0
+            taps.append(t.reshape(len(rows), w * chans))
+        hrow = _lerp_(taps[0], taps[1], ax)  # horizontal lerp of each source row read
         v = _lerp_(hrow[tb - lo], hrow[tb + 1 - lo], ay[y0:y0 + len(tb)])
         out[y0:y0 + len(tb)] = _store_(v, src.dtype)
     out = out.reshape(h, w, chans)
