@@ -144,7 +144,7 @@ def time_step_with_reference(cfg, batch_size: int, detach: bool, rounds: int,
     :meth:`~benchmarks.reference_train.ReferenceStepper.close` summary),
     ``ratio_ours_over_reference`` (steady median over steady median) and ``ratio_per_round``
     (the median over rounds of each round's ratio of steady medians: two turns seconds
-    apart)."""
+    apart), and every step's wall time per turn (``rounds_s``)."""
     if block < 2:
         raise ValueError(f"block={block}: a turn needs a steady step after its first")
     one_step, first, box = _compiled_step(cfg, batch_size, detach)
@@ -175,6 +175,8 @@ def time_step_with_reference(cfg, batch_size: int, detach: bool, rounds: int,
     out["after_switch"] = {"step_s_median": round(first_ours, 4),
                            "reference_step_s_median": round(first_theirs, 4),
                            "ratio_ours_over_reference": round(first_ours / first_theirs, 3)}
+    out["rounds_s"] = {"ours": [[round(w, 3) for w, _ in turn] for turn in ours],
+                       "reference": [[round(t, 3) for t in turn] for turn in theirs]}
     out["protocol"] = (f"{rounds} rounds of {block} steps of ours then {block} of the "
                        f"reference's; steady = all but each turn's first step")
     return out
