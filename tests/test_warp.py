@@ -151,3 +151,12 @@ def test_grayscale_keeps_its_shape_and_far_pixels_are_black():
     img = np.full((10, 12), 200, np.uint8)
     out = W.warp_perspective(img, np.array([[1.0, 0, 100], [0, 1, 0], [0, 0, 1]]), (20, 6))
     assert out.shape == (6, 20) and not out.any()
+
+
+def test_taps_far_into_a_large_source_are_exact():
+    """Flat pixel indices past 2**24 (float32's integer limit) must still be exact."""
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (4200, 4200, 1), dtype=np.uint8)
+    m = np.linalg.inv(np.array([[0.9, 0.2, 4100.0], [-0.1, 1.1, 4150.0], [0, 0, 1]]))
+    got = W.warp_perspective(img, m, (9, 7))
+    np.testing.assert_array_equal(got, _scalar_model(img, m, (9, 7)))

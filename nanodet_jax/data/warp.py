@@ -27,6 +27,7 @@ reference. Cost: ~3 ms for a 320x320x3 output on one core, vs ~0.3 ms for OpenCV
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 _F32 = np.float32
@@ -165,24 +166,28 @@ def _warp_general(src: np.ndarray, matrix: np.ndarray, dst_wh: tuple[int, int]) 
     w, h = int(dst_wh[0]), int(dst_wh[1])
     src_h, src_w, chans = src.shape
     sx, sy = source_coords(matrix, dst_wh)
-    pad = np.zeros((src_h + 2, src_w + 2, chans), src.dtype)  # out-of-image taps read 0
-    pad[1:-1, 1:-1] = src
+    # out-of-image taps read 0 (an exact copy; cv2's is several times faster than numpy's)
+    pad = cv2.copyMakeBorder(src, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    pad = pad.reshape(src_h + 2, src_w + 2, chans)
     flat = _pixels(pad).reshape(-1)
     row = src_w + 2
     out = np.empty((h, w, chans), src.dtype)
     step = _block_rows(w * chans)
     for y0 in range(0, h, step):
         fx, fy = _floor(sx[y0:y0 + step]), _floor(sy[y0:y0 + step])
-        ax = (sx[y0:y0 + step] - fx).reshape(-1, 1)
-        ay = (sy[y0:y0 + step] - fy).reshape(-1, 1)
+        # per value, not per pixel: the lerps then run over long contiguous arrays
+        ax = np.repeat((sx[y0:y0 + step] - fx).ravel(), chans)
+        ay = np.repeat((sy[y0:y0 + step] - fy).ravel(), chans)
         inside = ((fx >= -1) & (fx < src_w) & (fy >= -1) & (fy < src_h)).ravel()
-        i00 = np.where(inside, ((fy + 1) * row + fx + 1).ravel(), 0).astype(np.intp)
+        ix = np.clip(fx, -1, src_w - 1).astype(np.intp).ravel()
+        iy = np.clip(fy, -1, src_h - 1).astype(np.intp).ravel()
+        i00 = np.where(inside, (iy + 1) * row + ix + 1, 0)
 
         def tap(offset: int, i00: np.ndarray = i00) -> np.ndarray:
-            return flat.take(i00 + offset).view(src.dtype).reshape(-1, chans).astype(_F32)
+            return flat.take(i00 + offset).view(src.dtype).astype(_F32)
 
         v0 = _lerp_(tap(0), tap(1), ax)
-        v = _lerp_(v0, _lerp_(tap(row), tap(row + 1), ax), ay)
+        v = _lerp_(v0, _lerp_(tap(row), tap(row + 1), ax), ay).reshape(-1, chans)
         v[~inside] = 0
         out[y0:y0 + step] = _store_(v, src.dtype).reshape(-1, w, chans)
     return out
@@ -191,7 +196,9 @@ def _warp_general(src: np.ndarray, matrix: np.ndarray, dst_wh: tuple[int, int]) 
 def _floor(s: np.ndarray) -> np.ndarray:
     """``floor(s)`` with NaN and +-inf sent far outside any image (OpenCV's float->int
     conversion gives INT_MIN there, i.e. border)."""
-    return np.floor(np.nan_to_num(s, nan=-_FAR, posinf=_FAR, neginf=-_FAR))
+    if not np.isfinite(s).all():
+        s = np.nan_to_num(s, nan=-_FAR, posinf=_FAR, neginf=-_FAR)
+    return np.floor(s)
 
 
 def _block_rows(row_values: int) -> int:
