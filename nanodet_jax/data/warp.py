@@ -63,8 +63,12 @@ def invert_3x3(matrix: np.ndarray) -> np.ndarray:
 def source_coords(matrix: np.ndarray, dst_wh: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Float32 source coordinates ``(sx, sy)``, each ``(h, w)``, of every destination pixel
     for the source->destination ``matrix (3, 3)`` (steps 1-2 of the module docstring)."""
+    return _coords(invert_3x3(matrix).ravel().astype(_F32), dst_wh)
+
+
+def _coords(m: np.ndarray, dst_wh: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`source_coords` from the float32 inverse ``m (9,)``."""
     w, h = int(dst_wh[0]), int(dst_wh[1])
-    m = invert_3x3(matrix).ravel().astype(_F32)
     x = np.arange(w, dtype=_F32)[None, :]
     y = np.arange(h, dtype=_F32)[:, None]
     sx = m[0] * x + (m[1] * y + m[2])
@@ -162,12 +166,12 @@ def _warp_axis_aligned(src: np.ndarray, m: np.ndarray, dst_wh: tuple[int, int]) 
     return out
 
 
-def _warp_general(src: np.ndarray, matrix: np.ndarray, dst_wh: tuple[int, int]) -> np.ndarray:
-    """Warp of ``src (H, W, C)`` by any matrix: four gathered taps per output pixel, in
-    blocks of output rows that stay in cache."""
+def _warp_general(src: np.ndarray, m: np.ndarray, dst_wh: tuple[int, int]) -> np.ndarray:
+    """Warp of ``src (H, W, C)`` by any float32 inverse matrix ``m (9,)``: four gathered taps
+    per output pixel, in blocks of output rows that stay in cache."""
     w, h = int(dst_wh[0]), int(dst_wh[1])
     src_h, src_w, chans = src.shape
-    sx, sy = source_coords(matrix, dst_wh)
+    sx, sy = _coords(m, dst_wh)
     # out-of-image taps read 0 (an exact copy; cv2's is several times faster than numpy's)
     pad = cv2.copyMakeBorder(src, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     pad = pad.reshape(src_h + 2, src_w + 2, chans)
@@ -226,5 +230,5 @@ def warp_perspective(img: np.ndarray, matrix: np.ndarray, dst_wh: tuple[int, int
     if m[1] == 0 and m[3] == 0 and m[6] == 0 and m[7] == 0 and m[8] != 0 and np.isfinite(m).all():
         out = _warp_axis_aligned(src, m, dst_wh)
     else:
-        out = _warp_general(src, matrix, dst_wh)
+        out = _warp_general(src, m, dst_wh)
     return out.reshape(dst_wh[::-1] + img.shape[2:])
