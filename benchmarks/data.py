@@ -6,7 +6,7 @@ of ``configs/nanodet_plus_m_{320,416}.py`` at batch 8, with 0 (in-process thread
 worker processes. The loader starts and stops its worker processes with every epoch: the
 wait for each epoch's first batch and after its last are reported apart from the steady
 rate.
-``warp_ms``: one image warp alone (640x480 -> 320x320 / 416x416, uint8 BGR), milliseconds
+``warp_ms``: one image warp alone (640x480 -> 320x320 / 416x416, uint8 BGR), median milliseconds
 per call: ``nanodet_jax.data.warp.warp_perspective`` (bit-identical to the reference on every
 CPU) next to ``cv2.warpPerspective`` with OpenCV's run-time SIMD dispatch, for a scale-only
 matrix (validation, and training with the default recipe) and a rotated one.
@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from benchmarks.timing import time_jitted
 from nanodet_jax.config import load_config
 from nanodet_jax.data.loader import build_loader
 from nanodet_jax.data.readers import CocoDataset
@@ -55,16 +56,9 @@ def _rate(loader, epochs: int) -> dict:
             "images_per_s": round(n / steady, 1) if steady > 0 else None}
 
 
-def _ms_per_call(fn, repeats: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return round((time.perf_counter() - t0) / repeats * 1e3, 3)
-
-
 def _warp_ms(repeats: int) -> dict:
-    """Per-call warp time of ours vs OpenCV's SIMD code, side by side (same images)."""
+    """Per-call warp time (median ms) of ours vs OpenCV's SIMD code, side by side (same
+    images)."""
     img = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     out: dict = {}
     for size in (320, 416):
@@ -74,10 +68,10 @@ def _warp_ms(repeats: int) -> dict:
         wh = (size, size)
         for name, m in (("scale", scale), ("rotated", turn)):
             out[f"{size}_{name}"] = {
-                "nanodet_jax": _ms_per_call(lambda m=m, wh=wh: warp_perspective(img, m, wh),
-                                            repeats),
-                "opencv_simd": _ms_per_call(lambda m=m, wh=wh: cv2.warpPerspective(
-                    img, m, wh, flags=cv2.INTER_LINEAR), repeats)}
+                "nanodet_jax": time_jitted(warp_perspective, img, m, wh,
+                                           repeats=repeats)["median_ms"],
+                "opencv_simd": time_jitted(cv2.warpPerspective, img, m, wh,
+                                           repeats=repeats)["median_ms"]}
     return out
 
 
