@@ -161,8 +161,8 @@ def _warp_axis_aligned(src: np.ndarray, m: np.ndarray, dst_wh: tuple[int, int]) 
         v = _lerp_(hrow[tb - lo], hrow[tb + 1 - lo], ay[y0:y0 + len(tb)])
         out[y0:y0 + len(tb)] = _store_(v, src.dtype)
     out = out.reshape(h, w, chans)
-    out[(fy < -1) | (fy >= src_h)] = 0
-    out[:, (fx < -1) | (fx >= src_w)] = 0
+    out[~_reaches(fy, src_h)] = 0
+    out[:, ~_reaches(fx, src_w)] = 0
     return out
 
 
@@ -184,7 +184,7 @@ def _warp_general(src: np.ndarray, m: np.ndarray, dst_wh: tuple[int, int]) -> np
         # per value, not per pixel: the lerps then run over long contiguous arrays
         ax = np.repeat((sx[y0:y0 + step] - fx).ravel(), chans)
         ay = np.repeat((sy[y0:y0 + step] - fy).ravel(), chans)
-        inside = ((fx >= -1) & (fx < src_w) & (fy >= -1) & (fy < src_h)).ravel()
+        inside = (_reaches(fx, src_w) & _reaches(fy, src_h)).ravel()
         ix = np.clip(fx, -1, src_w - 1).astype(np.intp).ravel()
         iy = np.clip(fy, -1, src_h - 1).astype(np.intp).ravel()
         i00 = np.where(inside, (iy + 1) * row + ix + 1, 0)
@@ -205,6 +205,13 @@ def _floor(s: np.ndarray) -> np.ndarray:
     if not np.isfinite(s).all():
         s = np.nan_to_num(s, nan=-_FAR, posinf=_FAR, neginf=-_FAR)
     return np.floor(s)
+
+
+def _reaches(f: np.ndarray, size: int) -> np.ndarray:
+    """Whether a pixel whose top-left tap is at ``floor`` coordinate ``f`` has a tap inside
+    ``[0, size)`` along that axis (``-1 <= f < size``); a pixel that fails on either axis is
+    the border value (NaN fails)."""
+    return (f >= -1) & (f < size)
 
 
 def _block_rows(row_values: int) -> int:
